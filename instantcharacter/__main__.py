@@ -1,0 +1,177 @@
+"""Command line: ``python -m instantcharacter generate|doctor``.
+
+``generate`` runs the same code as the ComfyUI nodes without ComfyUI; ``doctor`` reports the machine,
+the model files and the offload setting to use (``--selftest`` runs a tiny random end-to-end).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from . import hub
+from .errors import InstantCharacterError
+from .locations import default_models_dir, locate_all
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+BUNDLED_REFERENCE = ASSETS / "reference_girl.png"
+log = logging.getLogger("instantcharacter")
+
+
+def _dtype(name: str):
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def _add_generation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--reference", type=Path, action="append",
+                   help=f"reference picture of the character (repeat for several views); default {BUNDLED_REFERENCE.name}")
+    p.add_argument("--prompt", default="a character standing in a sunlit forest, detailed illustration")
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--true-cfg", type=float, default=1.0, help="> 1 with a negative prompt runs true CFG")
+    p.add_argument("--width", type=int, default=1024)
+    p.add_argument("--height", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=28)
+    p.add_argument("--guidance", type=float, default=3.5)
+    p.add_argument("--seed", type=int, default=123456)
+    p.add_argument("--subject-scale", type=float, default=0.9)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--fit", choices=("stretch", "pad", "crop"), default="stretch")
+    p.add_argument("--offload", choices=("off", "model", "sequential"), default=None,
+                   help="default: what `doctor` recommends for this machine")
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
+    p.add_argument("--output-dir", type=Path, default=Path("output"))
+
+
+def _paths(args) -> dict[str, Path]:
+    models_dir = args.models_dir or default_models_dir()
+    found = locate_all(models_dir)
+    missing = [loc for loc in found.values() if not loc.present]
+    if missing and args.download:
+        for loc in missing:
+            print(f"downloading {loc.model.repo_id} ({loc.model.size}) into {loc.path} …", flush=True)
+            dest = loc.path.parent if loc.model is hub.ADAPTER else loc.path
+            hub.download(loc.model, dest)
+        found = locate_all(models_dir)
+        missing = [loc for loc in found.values() if not loc.present]
+    if missing:
+        lines = "\n".join(f"  {loc.model.repo_id}: {loc.detail} → {loc.path}" for loc in missing)
+        raise InstantCharacterError(
+            f"Models not found under {models_dir}:\n{lines}\nRun again with --download, pass --models-dir, "
+            "or put the files there by hand (see README, 'Model files')."
+        )
+    return {name: loc.path for name, loc in found.items()}
+
+
+def cmd_generate(args) -> int:
+    import torch
+    from PIL import Image
+
+    from .adapter import load_adapter
+    from .encoders import ReferenceEncoders
+    from .memory import recommend_offload
+    from .pipeline import generate, load_flux
+
+    paths = args.paths if hasattr(args, "paths") else _paths(args)
+    references = args.reference or [BUNDLED_REFERENCE]
+    images = [Image.open(p) for p in references]
+    dtype = _dtype(args.dtype)
+    offload = args.offload or recommend_offload()[0]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    started = time.perf_counter()
+    encoders = ReferenceEncoders.load(paths["siglip"], paths["dinov2"], dtype=dtype,
+                                      device=device if offload == "off" else "cpu")
+    if offload != "off":
+        encoders.to(device)
+    features = encoders.encode(images, fit=args.fit)
+    encoders.to("cpu")
+    del encoders
+    adapter = load_adapter(paths["adapter"], dtype=dtype)
+    flux = load_flux(paths["flux"], dtype=dtype)
+    print(f"models loaded in {time.perf_counter() - started:.1f} s; offload={offload}, device={device}", flush=True)
+
+    def progress(step, total):
+        print(f"\rstep {step}/{total}", end="" if step < total else "\n", flush=True)
+
+    result = generate(flux, adapter, features, args.prompt, negative_prompt=args.negative_prompt,
+                      true_cfg=args.true_cfg, width=args.width, height=args.height, steps=args.steps,
+                      guidance=args.guidance, seed=args.seed, subject_scale=args.subject_scale,
+                      batch_size=args.batch_size, offload=offload, step_callback=progress)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    for i, img in enumerate(result.images):
+        out = args.output_dir / f"instantcharacter_{args.seed}_{i:02d}.png"
+        Image.fromarray((img.numpy() * 255).round().astype("uint8")).save(out)
+        print(f"wrote {out}")
+    return 0
+
+
+def _selftest(args) -> int:
+    from .testing import write_tiny_models
+
+    print("selftest: tiny RANDOM models (not the real weights; the pictures are noise by design)")
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = write_tiny_models(Path(tmp) / "models")
+        ns = argparse.Namespace(paths=paths, reference=None, prompt="a test character", negative_prompt="blurry",
+                                true_cfg=1.5, width=64, height=64, steps=2, guidance=3.5, seed=1,
+                                subject_scale=0.9, batch_size=2, fit="pad", offload=None, dtype="fp32",
+                                output_dir=Path(tmp) / "out")
+        cmd_generate(ns)
+        written = sorted((Path(tmp) / "out").glob("*.png"))
+        ok = len(written) == 2
+        print(f"selftest {'passed' if ok else 'FAILED'}: {len(written)} images of 64×64 from the full code path")
+        return 0 if ok else 1
+
+
+def cmd_doctor(args) -> int:
+    import torch
+
+    from .memory import recommend_offload
+
+    print(f"python {sys.version.split()[0]}, torch {torch.__version__}")
+    for lib in ("diffusers", "transformers", "huggingface_hub", "safetensors"):
+        try:
+            module = __import__(lib)
+            print(f"{lib} {module.__version__}")
+        except ImportError:
+            print(f"{lib}: NOT INSTALLED (run install.py)")
+    if torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info()
+        print(f"GPU: {torch.cuda.get_device_name(0)}, {total / 2**30:.1f} GiB total, {free / 2**30:.1f} GiB free")
+    else:
+        print("GPU: none found (CUDA unavailable); generation would run on the CPU, very slowly")
+    mode, why = recommend_offload()
+    print(f"recommended offload: {mode} ({why})")
+    models_dir = args.models_dir or default_models_dir()
+    print(f"models folder: {models_dir.resolve()}")
+    for loc in locate_all(models_dir).values():
+        state = "ok" if loc.present else loc.detail.upper()
+        print(f"  [{state}] {loc.model.repo_id} ({loc.model.size}) → {loc.path}")
+    return _selftest(args) if args.selftest else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m instantcharacter", description=__doc__)
+    parser.add_argument("--models-dir", type=Path, default=None,
+                        help="ComfyUI models folder (default: COMFYUI_MODELS_DIR, the ComfyUI this pack is in, or ./models)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate pictures of a character")
+    _add_generation_args(gen)
+    gen.add_argument("--download", action="store_true", help="download missing models (FLUX.1-dev needs HF_TOKEN)")
+    doc = sub.add_parser("doctor", help="check the machine and the model files")
+    doc.add_argument("--selftest", action="store_true", help="run a tiny random end-to-end generation")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return cmd_generate(args) if args.command == "generate" else cmd_doctor(args)
+    except InstantCharacterError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,247 @@
+"""Loading the published adapter checkpoint and attaching it to a diffusers FLUX transformer.
+
+The checkpoint (``instantcharacter_ip-adapter.bin``, or the same tensors as ``.safetensors`` with keys
+prefixed ``image_proj.`` / ``ip_adapter.``) holds the projector and one character-attention module per
+FLUX attention layer. Every size is read from the tensors, so tiny test checkpoints use the same code.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .attention import IP_HEAD_DIM, CharacterAttentionLayer, CharacterContext, CharacterFluxAttnProcessor
+from .errors import AdapterFileError
+from .projector import PUBLISHED_PROJECTOR, CharacterProjector, ProjectorConfig
+
+PUBLISHED_NUM_LAYERS = 19 + 38
+PUBLISHED_HIDDEN_SIZE = 3072
+EXPECTED = (
+    "an InstantCharacter adapter (instantcharacter_ip-adapter.bin from Tencent/InstantCharacter, 5.59 GB, "
+    "holding 'image_proj' with cross_layer_blocks/cross_scale_blocks/resampler and 'ip_adapter' with 57 "
+    "layers of norm_ip_q/to_k_ip/norm_ip_k/to_v_ip)"
+)
+
+
+class InstantCharacterAdapter(nn.Module):
+    """The projector (``image_proj``) and the per-layer character attention (``ip_adapter``)."""
+
+    def __init__(
+        self,
+        projector: ProjectorConfig = PUBLISHED_PROJECTOR,
+        num_layers: int = PUBLISHED_NUM_LAYERS,
+        hidden_size: int = PUBLISHED_HIDDEN_SIZE,
+    ):
+        super().__init__()
+        self.image_proj = CharacterProjector(projector)
+        self.ip_adapter = nn.ModuleList(
+            CharacterAttentionLayer(hidden_size, projector.token_dim) for _ in range(num_layers)
+        )
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.ip_adapter)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.ip_adapter[0].to_k_ip.out_features
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.ip_adapter[0].to_k_ip.weight.dtype
+
+
+def _read_tensors(path: Path) -> dict:
+    if not path.is_file():
+        raise AdapterFileError(f"Adapter file not found: {path}. Expected {EXPECTED}.")
+    if path.stat().st_size == 0:
+        raise AdapterFileError(f"{path.name} is an empty file (0 bytes): the download or copy failed. "
+                               f"Delete it and download {EXPECTED} again.")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as err:
+            if "mmap" not in str(err):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "weights_only" in str(err) or "Unsupported global" in str(err):
+            raise AdapterFileError(
+                f"{path.name} contains pickled Python objects other than tensors, so it is not loaded "
+                f"(only plain tensor checkpoints are safe to open). Expected {EXPECTED}."
+            ) from err
+        raise AdapterFileError(_corrupt(path, err)) from err
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
+        raise AdapterFileError(_corrupt(path, err)) from err
+    except Exception as err:  # safetensors raises its own SafetensorError
+        raise AdapterFileError(_corrupt(path, err)) from err
+
+
+def _corrupt(path: Path, err: Exception) -> str:
+    size = path.stat().st_size
+    return (f"{path.name} ({size:,} bytes) could not be read: it looks truncated or corrupt ({type(err).__name__}: "
+            f"{str(err)[:200]}). The published file is 5.59 GB; delete it and download it again.")
+
+
+def _split_groups(raw: dict) -> tuple[dict, dict]:
+    """Return (image_proj, ip_adapter) state dicts from either the nested .bin or the flat safetensors layout."""
+    if isinstance(raw.get("image_proj"), dict) and isinstance(raw.get("ip_adapter"), dict):
+        return raw["image_proj"], raw["ip_adapter"]
+    flat = {k: v for k, v in raw.items() if isinstance(v, torch.Tensor)}
+    proj = {k[len("image_proj."):]: v for k, v in flat.items() if k.startswith("image_proj.")}
+    ip = {k[len("ip_adapter."):]: v for k, v in flat.items() if k.startswith("ip_adapter.")}
+    return proj, ip
+
+
+def describe_foreign_checkpoint(raw: dict) -> str | None:
+    """Name what a checkpoint that is not ours looks like, or None if it looks like InstantCharacter."""
+    keys = [k for k in raw.keys() if isinstance(k, str)]
+    proj, ip = _split_groups(raw)
+    all_keys = keys + [f"image_proj.{k}" for k in proj] + [f"ip_adapter.{k}" for k in ip]
+    joined = " ".join(all_keys[:4000])
+
+    if any(s in joined for s in ("lora_A", "lora_B", "lora_down", "lora_up", "lora_unet_", "lora_te")):
+        return "a LoRA (it holds lora_up/lora_down or lora_A/lora_B weights); put it in models/loras instead"
+    if "ip_adapter_double_stream" in joined or "ip_adapter_proj_model" in joined:
+        return "the XLabs FLUX IP-Adapter (flux-ip-adapter), a different model"
+    if not proj and not ip:
+        sample = ", ".join(keys[:5]) or "nothing"
+        return f"an unrelated checkpoint (its first keys: {sample})"
+    if ip and not any("norm_ip_q" in k for k in ip):
+        widths = {tuple(v.shape) for k, v in ip.items() if k.endswith("to_k_ip.weight")}
+        in_dims = {w[1] for w in widths if len(w) == 2}
+        out_dims = {w[0] for w in widths if len(w) == 2}
+        if in_dims & {768} or out_dims & {320, 640, 1280}:
+            family = "SDXL" if in_dims & {2048} else "SD1.5"
+            return f"an {family} IP-Adapter (h94/IP-Adapter family), for Stable Diffusion, not FLUX"
+        if in_dims & {2048}:
+            return "an SDXL IP-Adapter (h94/IP-Adapter family), for Stable Diffusion, not FLUX"
+        if out_dims & {3072}:
+            return "the InstantX FLUX IP-Adapter (InstantX/FLUX.1-dev-IP-Adapter), a different FLUX adapter"
+        return "an IP-Adapter of another model family"
+    if proj and not any(k.startswith("resampler.") or k.startswith("cross_layer_blocks.") for k in proj):
+        return "an IP-Adapter of another model family (its projector has no cross_layer_blocks/resampler)"
+    return None
+
+
+def _check_keys(model: InstantCharacterAdapter, sd: dict, path: Path) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(sd) if tuple(expected[k].shape) != tuple(sd[k].shape))
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+        if wrong:
+            k = wrong[0]
+            parts.append(f"{len(wrong)} with other shapes (e.g. {k}: {tuple(sd[k].shape)} vs {tuple(expected[k].shape)})")
+        raise AdapterFileError(
+            f"{path.name} is not a complete InstantCharacter adapter: keys {'; '.join(parts)}. "
+            f"Expected {EXPECTED}. The file may be from another version or damaged; download it again."
+        )
+
+
+def load_adapter(path: str | os.PathLike, dtype: torch.dtype | None = None,
+                 device: torch.device | str = "cpu") -> InstantCharacterAdapter:
+    """Load and validate an adapter checkpoint (strict: any missing or unexpected key is an error)."""
+    path = Path(path)
+    raw = _read_tensors(path)
+    if not isinstance(raw, dict):
+        raise AdapterFileError(f"{path.name} holds a {type(raw).__name__}, not a checkpoint dict. Expected {EXPECTED}.")
+    foreign = describe_foreign_checkpoint(raw)
+    if foreign:
+        raise AdapterFileError(f"{path.name} looks like {foreign}. Expected {EXPECTED}.")
+    proj_sd, ip_sd = _split_groups(raw)
+    try:
+        cfg = ProjectorConfig.from_state_dict(proj_sd)
+        num_layers = len({k.split(".")[0] for k in ip_sd})
+        hidden = ip_sd["0.to_k_ip.weight"].shape[0]
+        head = ip_sd["0.norm_ip_q.scale"].shape[0]
+    except (KeyError, IndexError) as err:
+        raise AdapterFileError(f"{path.name} lacks {err} and cannot be an InstantCharacter adapter. "
+                               f"Expected {EXPECTED}.") from err
+    if head != IP_HEAD_DIM:
+        raise AdapterFileError(f"{path.name} has character-attention heads of {head}, but FLUX heads are "
+                               f"{IP_HEAD_DIM} wide. Expected {EXPECTED}.")
+    with torch.device("meta"):
+        model = InstantCharacterAdapter(cfg, num_layers, hidden)
+    flat = {f"image_proj.{k}": v for k, v in proj_sd.items()}
+    flat.update({f"ip_adapter.{k}": v for k, v in ip_sd.items()})
+    _check_keys(model, flat, path)
+    target = dtype or next(iter(flat.values())).dtype
+    flat = {k: v.to(device=device, dtype=target) for k, v in flat.items()}
+    model.load_state_dict(flat, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+def save_adapter(adapter: InstantCharacterAdapter, path: str | os.PathLike) -> None:
+    """Write the adapter in the published layout: nested ``.bin`` or flat ``.safetensors``."""
+    path = Path(path)
+    sd = {k: v.detach().contiguous().cpu() for k, v in adapter.state_dict().items()}
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(sd, str(path))
+        return
+    nested = {
+        "image_proj": {k[len("image_proj."):]: v for k, v in sd.items() if k.startswith("image_proj.")},
+        "ip_adapter": {k[len("ip_adapter."):]: v for k, v in sd.items() if k.startswith("ip_adapter.")},
+    }
+    torch.save(nested, path)
+
+
+class CharacterAttachment:
+    """Character attention attached to a diffusers FLUX transformer; ``detach()`` restores it exactly."""
+
+    def __init__(self, transformer, adapter: InstantCharacterAdapter):
+        processors = transformer.attn_processors
+        if len(processors) != adapter.num_layers:
+            raise AdapterFileError(
+                f"The adapter has {adapter.num_layers} character-attention layers but this FLUX transformer has "
+                f"{len(processors)} attention layers: the adapter was made for another model (FLUX.1-dev has 57)."
+            )
+        inner = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+        if inner != adapter.hidden_size:
+            raise AdapterFileError(
+                f"The adapter's layers are {adapter.hidden_size} wide but this FLUX transformer is {inner} wide: "
+                f"the adapter was made for another model."
+            )
+        self.transformer = transformer
+        self.context = CharacterContext()
+        self._previous = dict(processors)
+        transformer.set_attn_processor(
+            {name: CharacterFluxAttnProcessor(layer, i, self.context)
+             for i, (name, layer) in enumerate(zip(processors, adapter.ip_adapter))}
+        )
+
+    @property
+    def attached(self) -> bool:
+        return self._previous is not None
+
+    def detach(self) -> None:
+        if self._previous is not None:
+            self.transformer.set_attn_processor(self._previous)
+            self._previous = None
+
+    def __enter__(self) -> "CharacterAttachment":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+
+def attach(transformer, adapter: InstantCharacterAdapter) -> CharacterAttachment:
+    """Install character attention on every attention layer of ``transformer`` (double, then single blocks)."""
+    return CharacterAttachment(transformer, adapter)

@@ -1,0 +1,149 @@
+"""Character attention: the per-layer cross-attention from FLUX image queries to the character tokens.
+
+The math lives in :class:`CharacterAttentionLayer` and is shared by both paths (our diffusers pipeline and
+ComfyUI's native FLUX model). :class:`CharacterFluxAttnProcessor` is the diffusers processor that runs a
+FLUX attention layer exactly like diffusers' own ``FluxAttnProcessor`` and adds the character attention
+to the image part of the output before the output projection.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IP_HEAD_DIM = 128
+
+
+class HeadNorm(nn.Module):
+    """``y = scale · x / (‖x‖₂/√d + eps)`` over the last dimension.
+
+    Not ``torch.nn.RMSNorm``: the eps is added to the root mean square, not inside the square root.
+    """
+
+    def __init__(self, dim: int = IP_HEAD_DIM, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.scale = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rms = x.norm(2, dim=-1, keepdim=True) * x.shape[-1] ** -0.5
+        return self.scale * (x / (rms + self.eps))
+
+
+class CharacterAttentionLayer(nn.Module):
+    """One of the 57 ``ip_adapter`` modules: keys/values from the character tokens for one FLUX layer."""
+
+    def __init__(self, hidden_size: int, token_dim: int, head_dim: int = IP_HEAD_DIM):
+        super().__init__()
+        self.head_dim = head_dim
+        self.norm_ip_q = HeadNorm(head_dim)
+        self.to_k_ip = nn.Linear(token_dim, hidden_size)
+        self.norm_ip_k = HeadNorm(head_dim)
+        self.to_v_ip = nn.Linear(token_dim, hidden_size)
+
+    def forward(self, image_query: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """``image_query``: the layer's raw ``to_q`` output for the image tokens [B, L, H·D] (before
+        FLUX's q-norm and RoPE); ``tokens``: character tokens [1 or B, N, token_dim]. Returns [B, L, H·D]."""
+        batch = image_query.shape[0]
+        dtype = self.to_k_ip.weight.dtype
+        tokens = tokens.to(dtype)
+        if tokens.shape[0] != batch:
+            tokens = tokens.expand(batch, -1, -1)
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.unflatten(-1, (-1, self.head_dim)).transpose(1, 2)
+
+        query = self.norm_ip_q(heads(image_query)).to(dtype)
+        key = self.norm_ip_k(heads(self.to_k_ip(tokens))).to(dtype)
+        value = heads(self.to_v_ip(tokens))
+        out = F.scaled_dot_product_attention(query, key, value)
+        return out.transpose(1, 2).flatten(2).to(image_query.dtype)
+
+
+@dataclass
+class CharacterContext:
+    """Per-call state shared by every processor of one transformer.
+
+    The pipeline sets ``tokens`` before each transformer call (they depend on the timestep);
+    ``scale`` multiplies the character attention; ``None`` tokens or scale 0 switch it off.
+    ``layer_scales`` optionally overrides the scale per layer index (double blocks first).
+    ``image_seq_len`` is the number of image tokens: single-stream layers see [text ; image] and the
+    character acts on the image positions only.
+    """
+
+    tokens: torch.Tensor | None = None
+    scale: float = 1.0
+    image_seq_len: int = 0
+    layer_scales: dict[int, float] = field(default_factory=dict)
+
+    def scale_for(self, index: int) -> float:
+        return self.layer_scales.get(index, self.scale)
+
+
+class CharacterFluxAttnProcessor:
+    """diffusers processor for a ``FluxAttention`` layer with character attention.
+
+    The FLUX part mirrors diffusers' ``FluxAttnProcessor`` step by step (same ops, same dispatch), so with
+    the character switched off the output is the one diffusers gives.
+    """
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __init__(self, layer: CharacterAttentionLayer, index: int, context: CharacterContext):
+        self.layer = layer
+        self.index = index
+        self.context = context
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        raw_query = attn.to_q(hidden_states)
+        key = attn.to_k(hidden_states)
+        value = attn.to_v(hidden_states)
+        query = attn.norm_q(raw_query.unflatten(-1, (-1, attn.head_dim)))
+        key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
+        value = value.unflatten(-1, (-1, attn.head_dim))
+
+        double_stream = encoder_hidden_states is not None
+        if double_stream:
+            enc_q = attn.norm_added_q(attn.add_q_proj(encoder_hidden_states).unflatten(-1, (-1, attn.head_dim)))
+            enc_k = attn.norm_added_k(attn.add_k_proj(encoder_hidden_states).unflatten(-1, (-1, attn.head_dim)))
+            enc_v = attn.add_v_proj(encoder_hidden_states).unflatten(-1, (-1, attn.head_dim))
+            query = torch.cat([enc_q, query], dim=1)
+            key = torch.cat([enc_k, key], dim=1)
+            value = torch.cat([enc_v, value], dim=1)
+
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+
+        out = dispatch_attention_fn(
+            query, key, value, attn_mask=attention_mask,
+            backend=self._attention_backend, parallel_config=self._parallel_config,
+        )
+        out = out.flatten(2, 3).to(query.dtype)
+
+        scale = self.context.scale_for(self.index)
+        tokens = self.context.tokens
+        active = tokens is not None and scale != 0
+
+        if double_stream:
+            text_len = encoder_hidden_states.shape[1]
+            enc_out, img_out = out.split_with_sizes([text_len, out.shape[1] - text_len], dim=1)
+            if active:
+                img_out = img_out + scale * self.layer(raw_query, tokens)
+            img_out = attn.to_out[1](attn.to_out[0](img_out.contiguous()))
+            return img_out, attn.to_add_out(enc_out.contiguous())
+
+        if active:
+            img_len = self.context.image_seq_len
+            if not 0 < img_len <= out.shape[1]:
+                raise RuntimeError("CharacterContext.image_seq_len must be set to the image token count")
+            img = out[:, -img_len:] + scale * self.layer(raw_query[:, -img_len:], tokens)
+            out = torch.cat([out[:, :-img_len], img], dim=1)
+        return out

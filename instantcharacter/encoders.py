@@ -1,0 +1,166 @@
+"""SigLIP so400m-384 and DINOv2-giant: loading from Hugging Face-format folders and reference features."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .errors import InputError, ModelFolderError
+from .images import fit_square, reference_views
+
+SIGLIP_SHALLOW_LAYERS = (7, 13, 26)
+DINO_SHALLOW_LAYERS = (9, 19, 29)
+SIGLIP_LAYERS = 27
+DINO_LAYERS = 40
+SIGLIP_DEFAULT_NORM = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+DINO_DEFAULT_NORM = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+@dataclass
+class ReferenceFeatures:
+    """Encoder features of one character, SigLIP channels first, then DINOv2 channels.
+
+    low_res_deep [1, 729, C], low_res_shallow [1, 3·729, C], high_res_deep [1, 4·729, C].
+    """
+
+    low_res_deep: torch.Tensor
+    low_res_shallow: torch.Tensor
+    high_res_deep: torch.Tensor
+
+    def to(self, *args, **kwargs) -> "ReferenceFeatures":
+        return ReferenceFeatures(*(t.to(*args, **kwargs) for t in self.tensors()))
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.low_res_deep, self.low_res_shallow, self.high_res_deep
+
+    @staticmethod
+    def blend(items: list["ReferenceFeatures"], weights: list[float] | None = None) -> "ReferenceFeatures":
+        """Weighted mean of several characters' (or views') features; weights are normalised to sum 1."""
+        if not items:
+            raise InputError("No reference features to combine.")
+        w = torch.tensor(weights if weights is not None else [1.0] * len(items), dtype=torch.float64)
+        if w.numel() != len(items) or (w < 0).any() or w.sum() <= 0:
+            raise InputError(f"Need one non-negative weight per reference with a positive sum, got {weights}.")
+        w = (w / w.sum()).tolist()
+        fields = zip(*(f.tensors() for f in items))
+        return ReferenceFeatures(*(sum(wi * t.float() for wi, t in zip(w, ts)).to(ts[0].dtype) for ts in fields))
+
+
+def _model_type(folder: Path) -> str:
+    config = folder / "config.json"
+    if not config.is_file():
+        raise ModelFolderError(f"{folder} has no config.json: it is not a Hugging Face model folder.")
+    data = json.loads(config.read_text())
+    return data.get("model_type", "")
+
+
+def _has_weights(folder: Path) -> bool:
+    return any(folder.glob("*.safetensors")) or any(folder.glob("*.bin"))
+
+
+def _normalisation(folder: Path, default) -> tuple[torch.Tensor, torch.Tensor]:
+    path = folder / "preprocessor_config.json"
+    mean, std = default
+    if path.is_file():
+        data = json.loads(path.read_text())
+        mean, std = data.get("image_mean", mean), data.get("image_std", std)
+    return torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+
+
+def _check_folder(folder: Path, role: str, expected_types: tuple[str, ...], described: str) -> None:
+    if not folder.is_dir():
+        raise ModelFolderError(f"The {role} folder {folder} does not exist. Expected {described}.")
+    kind = _model_type(folder)
+    if kind not in expected_types:
+        raise ModelFolderError(
+            f"{folder.name} holds a '{kind or 'unknown'}' model, but the {role} slot needs {described}."
+        )
+    if not _has_weights(folder):
+        raise ModelFolderError(f"{folder} has no weights (*.safetensors): the download is incomplete.")
+
+
+class ReferenceEncoders:
+    """The two vision encoders and their input normalisation."""
+
+    def __init__(self, siglip, dino, siglip_norm, dino_norm):
+        self.siglip = siglip
+        self.dino = dino
+        self.siglip_norm = siglip_norm
+        self.dino_norm = dino_norm
+
+    @classmethod
+    def load(cls, siglip_dir: str | os.PathLike, dino_dir: str | os.PathLike,
+             dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> "ReferenceEncoders":
+        from transformers import Dinov2Model, SiglipVisionModel
+
+        siglip_dir, dino_dir = Path(siglip_dir), Path(dino_dir)
+        _check_folder(siglip_dir, "SigLIP", ("siglip", "siglip_vision_model"),
+                      "google/siglip-so400m-patch14-384")
+        _check_folder(dino_dir, "DINOv2", ("dinov2",), "facebook/dinov2-giant")
+        siglip = SiglipVisionModel.from_pretrained(siglip_dir, dtype=dtype).to(device).eval()
+        dino = Dinov2Model.from_pretrained(dino_dir, dtype=dtype).to(device).eval()
+        got = (siglip.config.num_hidden_layers, dino.config.num_hidden_layers)
+        if got != (SIGLIP_LAYERS, DINO_LAYERS):
+            raise ModelFolderError(
+                f"The encoders have {got[0]} (SigLIP) and {got[1]} (DINOv2) layers; InstantCharacter needs "
+                f"SigLIP so400m-patch14-384 ({SIGLIP_LAYERS}) and DINOv2-giant ({DINO_LAYERS})."
+            )
+        return cls(siglip, dino, _normalisation(siglip_dir, SIGLIP_DEFAULT_NORM),
+                   _normalisation(dino_dir, DINO_DEFAULT_NORM))
+
+    @property
+    def feature_dim(self) -> int:
+        return self.siglip.config.hidden_size + self.dino.config.hidden_size
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.siglip.parameters()).device
+
+    def to(self, device) -> "ReferenceEncoders":
+        self.siglip.to(device)
+        self.dino.to(device)
+        return self
+
+    def _pixels(self, views: list[Image.Image], norm) -> torch.Tensor:
+        array = np.stack([np.asarray(v, dtype=np.float32) for v in views]) / 255.0
+        pixels = torch.from_numpy(array).permute(0, 3, 1, 2)
+        mean, std = norm
+        return (pixels - mean) / std
+
+    @torch.inference_mode()
+    def _encode(self, model, views, norm, shallow_layers, drop_cls: bool):
+        param = next(model.parameters())
+        pixels = self._pixels(views, norm).to(param.device, param.dtype)
+        out = model(pixel_values=pixels, output_hidden_states=True)
+        start = 1 if drop_cls else 0
+        deep = out.last_hidden_state[:, start:]
+        shallow = torch.cat([out.hidden_states[i][:, start:] for i in shallow_layers], dim=1)
+        return deep, shallow
+
+    def encode_square(self, square: Image.Image) -> ReferenceFeatures:
+        """Features of one square RGB reference (see :func:`images.reference_views`)."""
+        views = reference_views(square)
+        s_deep, s_shallow = self._encode(self.siglip, views, self.siglip_norm, SIGLIP_SHALLOW_LAYERS, False)
+        d_deep, d_shallow = self._encode(self.dino, views, self.dino_norm, DINO_SHALLOW_LAYERS, True)
+        low_deep = torch.cat([s_deep[:1], d_deep[:1]], dim=2)
+        low_shallow = torch.cat([s_shallow[:1], d_shallow[:1]], dim=2)
+        # the four tiles' tokens laid end to end
+        high_deep = torch.cat([s_deep[1:].flatten(0, 1), d_deep[1:].flatten(0, 1)], dim=1)[None]
+        return ReferenceFeatures(low_deep, low_shallow, high_deep)
+
+    def encode(self, images: list[Image.Image], fit: str = "stretch",
+               weights: list[float] | None = None) -> ReferenceFeatures:
+        """Features of one character from one or more pictures of it.
+
+        Several pictures are fused by a (weighted) mean of their encoder features, so views from different
+        angles combine into one character. Images may be any PIL mode; transparency becomes white.
+        """
+        if not images:
+            raise InputError("No reference image was given.")
+        return ReferenceFeatures.blend([self.encode_square(fit_square(im, fit)) for im in images], weights)

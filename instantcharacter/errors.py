@@ -1,0 +1,21 @@
+"""Exception types whose messages tell the user what to do."""
+
+
+class InstantCharacterError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class AdapterFileError(InstantCharacterError, ValueError):
+    """The adapter file is missing, unreadable, or not an InstantCharacter adapter."""
+
+
+class ModelFolderError(InstantCharacterError, FileNotFoundError):
+    """A model folder is missing files or holds a different model."""
+
+
+class DownloadError(InstantCharacterError, RuntimeError):
+    """A download could not be completed; the message says what to do instead."""
+
+
+class InputError(InstantCharacterError, ValueError):
+    """A generation setting or an input image is not usable."""

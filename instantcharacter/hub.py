@@ -1,0 +1,149 @@
+"""Model downloads from the Hugging Face Hub and checks that a model folder is complete.
+
+The token comes from ``HF_TOKEN`` or the machine's Hugging Face login (``hf auth login``), never from a
+node widget, so it is never saved into a workflow. Downloads resume: huggingface_hub keeps partial files
+under ``<folder>/.cache/huggingface`` and continues them on the next try. A folder counts as present only
+when every file it needs is there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .errors import DownloadError
+
+
+@dataclass(frozen=True)
+class HubModel:
+    repo_id: str
+    folder_name: str  # under the ComfyUI model folder
+    model_folder: str  # ComfyUI folder_paths name
+    patterns: tuple[str, ...]
+    gated: bool = False
+    size: str = ""
+
+
+FLUX_DEV = HubModel(
+    "black-forest-labs/FLUX.1-dev", "FLUX.1-dev", "diffusion_models",
+    ("model_index.json", "scheduler/*", "text_encoder/*", "text_encoder_2/*", "tokenizer/*", "tokenizer_2/*",
+     "transformer/*", "vae/*"),
+    gated=True, size="33.7 GB",
+)
+SIGLIP = HubModel("google/siglip-so400m-patch14-384", "siglip-so400m-patch14-384", "clip_vision",
+                  ("config.json", "model.safetensors", "preprocessor_config.json"), size="3.5 GB")
+DINOV2 = HubModel("facebook/dinov2-giant", "dinov2-giant", "clip_vision",
+                  ("config.json", "model.safetensors", "preprocessor_config.json"), size="4.5 GB")
+ADAPTER = HubModel("Tencent/InstantCharacter", "", "ipadapter", ("instantcharacter_ip-adapter.bin",),
+                   size="5.6 GB")
+ADAPTER_FILENAME = "instantcharacter_ip-adapter.bin"
+
+FLUX_WEIGHT_FOLDERS = {
+    "transformer": "diffusion_pytorch_model",
+    "vae": "diffusion_pytorch_model",
+    "text_encoder": "model",
+    "text_encoder_2": "model",
+}
+FLUX_FIXED_FILES = (
+    "model_index.json", "scheduler/scheduler_config.json",
+    "tokenizer/vocab.json", "tokenizer/merges.txt", "tokenizer/tokenizer_config.json",
+    "tokenizer_2/tokenizer_config.json", "tokenizer_2/spiece.model",
+)
+
+
+def _missing_weights(folder: Path, sub: str, stem: str) -> list[str]:
+    single = folder / sub / f"{stem}.safetensors"
+    index = folder / sub / f"{stem}.safetensors.index.json"
+    missing = [] if (folder / sub / "config.json").is_file() else [f"{sub}/config.json"]
+    if single.is_file():
+        return missing
+    if not index.is_file():
+        return missing + [f"{sub}/{stem}.safetensors"]
+    try:
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (ValueError, KeyError):
+        return missing + [f"{sub}/{index.name} (unreadable)"]
+    return missing + [f"{sub}/{s}" for s in shards if not (folder / sub / s).is_file()]
+
+
+def missing_flux_files(folder: str | os.PathLike) -> list[str]:
+    """Files a diffusers FLUX.1-dev folder lacks (empty list: complete)."""
+    folder = Path(folder)
+    missing = [f for f in FLUX_FIXED_FILES if not (folder / f).is_file()]
+    for sub, stem in FLUX_WEIGHT_FOLDERS.items():
+        missing += _missing_weights(folder, sub, stem)
+    return missing
+
+
+def missing_encoder_files(folder: str | os.PathLike) -> list[str]:
+    """Files a SigLIP or DINOv2 folder lacks (empty list: complete)."""
+    folder = Path(folder)
+    missing = [] if (folder / "preprocessor_config.json").is_file() else ["preprocessor_config.json"]
+    return missing + [m.split("/", 1)[1] for m in _missing_weights(folder.parent, folder.name, "model")]
+
+
+def _manual_hint(model: HubModel, dest: Path) -> str:
+    files = ", ".join(model.patterns)
+    return f"or put the files ({files}) from https://huggingface.co/{model.repo_id} into {dest} by hand"
+
+
+def download(model: HubModel, dest: str | os.PathLike, progress: Callable[[int, int], None] | None = None,
+             endpoint: str | None = None) -> Path:
+    """Download ``model`` into ``dest`` (a folder; for the adapter, the ipadapter folder) and return the path
+    of the folder or file. ``progress(done, total)`` counts files. ``endpoint`` overrides the Hub address
+    (tests point it at a local stand-in; ``HF_ENDPOINT`` works too)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    tqdm_class = _progress_tqdm(progress) if progress else None
+    try:
+        snapshot_download(model.repo_id, local_dir=dest, allow_patterns=list(model.patterns),
+                          tqdm_class=tqdm_class, endpoint=endpoint)
+    except GatedRepoError as err:
+        raise DownloadError(
+            f"{model.repo_id} is gated: open https://huggingface.co/{model.repo_id}, accept its licence with your "
+            f"account, then make your token available (set HF_TOKEN, or run `hf auth login` on this machine) "
+            f"and run again; {_manual_hint(model, dest)}."
+        ) from err
+    except RepositoryNotFoundError as err:
+        raise DownloadError(
+            f"{model.repo_id} could not be opened (HTTP {_status(err)}): "
+            + ("it is gated and needs a token: accept its licence on the Hub, then set HF_TOKEN or run "
+               "`hf auth login`; " if model.gated else "")
+            + f"{_manual_hint(model, dest)}."
+        ) from err
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as err:
+        raise DownloadError(
+            f"Could not download {model.repo_id} ({type(err).__name__}: {str(err)[:160]}). Check the internet "
+            f"connection and run again (the download resumes), {_manual_hint(model, dest)}."
+        ) from err
+    if model is ADAPTER:
+        return dest / ADAPTER_FILENAME
+    missing = missing_flux_files(dest) if model is FLUX_DEV else missing_encoder_files(dest)
+    if missing:
+        raise DownloadError(f"The download of {model.repo_id} into {dest} is incomplete (missing "
+                            f"{', '.join(missing[:3])}); run again to resume, {_manual_hint(model, dest)}.")
+    return dest
+
+
+def _status(err) -> str:
+    response = getattr(err, "response", None)
+    return str(getattr(response, "status_code", "?"))
+
+
+def _progress_tqdm(progress: Callable[[int, int], None]):
+    from tqdm.auto import tqdm
+
+    class ProgressTqdm(tqdm):
+        def update(self, n=1):
+            result = super().update(n)
+            if self.total:
+                progress(int(self.n), int(self.total))
+            return result
+
+    return ProgressTqdm

@@ -1,0 +1,61 @@
+"""Where the model files live in a ComfyUI models folder, for the command line (the nodes use
+ComfyUI's own folder_paths)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .hub import ADAPTER, ADAPTER_FILENAME, DINOV2, FLUX_DEV, SIGLIP, HubModel, missing_encoder_files, missing_flux_files
+
+# ComfyUI's folder names, with the older alias each can also be found under.
+FOLDER_ALIASES = {"diffusion_models": ("diffusion_models", "unet"), "clip_vision": ("clip_vision",),
+                  "ipadapter": ("ipadapter",)}
+
+
+@dataclass
+class ModelLocation:
+    model: HubModel
+    path: Path  # where it is, or where it goes
+    present: bool
+    detail: str
+
+
+def default_models_dir() -> Path:
+    """``COMFYUI_MODELS_DIR``, else the models folder of the ComfyUI this pack sits in, else ./models."""
+    env = os.environ.get("COMFYUI_MODELS_DIR")
+    if env:
+        return Path(env)
+    pack = Path(__file__).resolve().parents[1]
+    if pack.parent.name == "custom_nodes" and (pack.parents[1] / "models").is_dir():
+        return pack.parents[1] / "models"
+    return Path("models")
+
+
+def _candidates(models_dir: Path, model: HubModel) -> list[Path]:
+    folders = [models_dir / name for name in FOLDER_ALIASES[model.model_folder]]
+    if model is ADAPTER:
+        return [f / ADAPTER_FILENAME for f in folders]
+    return [f / model.folder_name for f in folders]
+
+
+def locate(models_dir: str | os.PathLike, model: HubModel) -> ModelLocation:
+    models_dir = Path(models_dir)
+    candidates = _candidates(models_dir, model)
+    for path in candidates:
+        if model is ADAPTER:
+            if path.is_file() and path.stat().st_size > 0:
+                return ModelLocation(model, path, True, "present")
+            continue
+        if path.is_dir():
+            missing = missing_flux_files(path) if model is FLUX_DEV else missing_encoder_files(path)
+            if not missing:
+                return ModelLocation(model, path, True, "present")
+            return ModelLocation(model, path, False, f"incomplete: missing {', '.join(missing[:3])}")
+    return ModelLocation(model, candidates[0], False, "missing")
+
+
+def locate_all(models_dir: str | os.PathLike) -> dict[str, ModelLocation]:
+    return {"flux": locate(models_dir, FLUX_DEV), "siglip": locate(models_dir, SIGLIP),
+            "dinov2": locate(models_dir, DINOV2), "adapter": locate(models_dir, ADAPTER)}

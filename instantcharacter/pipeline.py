@@ -1,0 +1,251 @@
+"""Generation: prompt + character → latents and images, over a diffusers FLUX.1-dev folder.
+
+We own the denoising loop (rather than calling ``FluxPipeline.__call__``) so that the character tokens are
+computed once for all steps, so that cancel/progress happen every step, and so that memory placement is
+ours. Text encoding, latent packing and the schedule are diffusers' own functions, which keeps the result
+identical to the official pipeline for the same weights, inputs and seed.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .adapter import InstantCharacterAdapter, attach
+from .encoders import ReferenceFeatures
+from .errors import InputError, ModelFolderError
+from .memory import Placement
+
+FLUX_COMPONENTS = ("scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "transformer", "vae")
+
+
+@dataclass
+class GenerationResult:
+    images: torch.Tensor  # [B, H, W, 3] float 0–1 on the CPU (ComfyUI IMAGE)
+    latents: torch.Tensor  # [B, 16, H/8, W/8] float32 raw VAE space on the CPU (ComfyUI LATENT "samples")
+
+
+def load_flux(folder: str | os.PathLike, dtype: torch.dtype = torch.bfloat16):
+    """Load a diffusers FLUX.1-dev folder as a ``diffusers.FluxPipeline`` (used as a component container)."""
+    from diffusers import FluxPipeline
+
+    from .hub import missing_flux_files
+
+    folder = Path(folder)
+    if not (folder / "model_index.json").is_file():
+        raise ModelFolderError(
+            f"{folder} is not a diffusers FLUX folder (no model_index.json). Put the diffusers version of "
+            "black-forest-labs/FLUX.1-dev there (its model_index.json and the scheduler, text_encoder, "
+            "text_encoder_2, tokenizer, tokenizer_2, transformer and vae folders)."
+        )
+    missing = missing_flux_files(folder)
+    if missing:
+        raise ModelFolderError(
+            f"{folder} is incomplete: {len(missing)} required file(s) missing, e.g. {', '.join(missing[:3])}. "
+            "Download it again (downloads resume) or copy the missing files."
+        )
+    pipe = FluxPipeline.from_pretrained(folder, torch_dtype=dtype)
+    if not pipe.transformer.config.guidance_embeds:
+        raise ModelFolderError(
+            f"{folder} holds a FLUX model without guidance embedding (FLUX.1-schnell?); "
+            "InstantCharacter was trained on FLUX.1-dev."
+        )
+    return pipe
+
+
+def check_size(width: int, height: int) -> None:
+    for name, value in (("width", width), ("height", height)):
+        if value < 16 or value % 16:
+            lower, upper = max(16, value // 16 * 16), (value // 16 + 1) * 16
+            raise InputError(
+                f"{name} {value} is not a multiple of 16 (FLUX works on 16-pixel patches); use {lower} or {upper}."
+            )
+
+
+def flux_schedule(scheduler, steps: int, image_seq_len: int, device) -> torch.Tensor:
+    """FLUX.1-dev timesteps (sigma × 1000): sigmas linspace(1, 1/steps), resolution-dependent shift."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+
+    cfg = scheduler.config
+    mu = calculate_shift(image_seq_len, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
+                         cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
+    sigmas = np.linspace(1.0, 1 / steps, steps)
+    timesteps, _ = retrieve_timesteps(scheduler, steps, device, sigmas=sigmas, mu=mu)
+    return timesteps
+
+
+def seeded_noise(seed: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Initial noise from a CPU generator, so one seed gives one picture on any device."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    return randn_tensor(shape, generator=torch.Generator("cpu").manual_seed(int(seed)), device="cpu", dtype=dtype)
+
+
+def character_tokens(adapter: InstantCharacterAdapter, features: ReferenceFeatures, timesteps: torch.Tensor,
+                     dtype: torch.dtype, chunk: int = 8) -> torch.Tensor:
+    """Tokens for every timestep, computed up front: [T, 1, N, token_dim]. The timestep-independent part of
+    the projector runs once; the resampler runs in chunks of ``chunk`` steps."""
+    proj = adapter.image_proj
+    p = next(proj.parameters())
+    with torch.inference_mode():
+        merged = proj.merge_features(*(t.to(p.device, p.dtype) for t in features.tensors()))
+        # The official code feeds the projector the timestep rounded to the model dtype.
+        steps = timesteps.to(dtype).to(p.device)
+        out = [proj.tokens(merged, steps[i:i + chunk]) for i in range(0, len(steps), chunk)]
+    return torch.cat(out).unsqueeze(1).to(dtype)
+
+
+def _encode_prompts(flux, prompt: str, negative: str | None, batch: int, device, max_len: int):
+    with torch.inference_mode():
+        pos = flux.encode_prompt(prompt=prompt, prompt_2=None, device=device, num_images_per_prompt=batch,
+                                 max_sequence_length=max_len)
+        neg = None
+        if negative is not None:
+            neg = flux.encode_prompt(prompt=negative, prompt_2=None, device=device, num_images_per_prompt=batch,
+                                     max_sequence_length=max_len)
+    return pos, neg
+
+
+def generate(
+    flux,
+    adapter: InstantCharacterAdapter | None,
+    features: ReferenceFeatures | None,
+    prompt: str,
+    *,
+    negative_prompt: str | None = None,
+    true_cfg: float = 1.0,
+    width: int = 1024,
+    height: int = 1024,
+    steps: int = 28,
+    guidance: float = 3.5,
+    seed: int = 0,
+    subject_scale: float = 0.9,
+    batch_size: int = 1,
+    init_latents: torch.Tensor | None = None,
+    denoise: float = 1.0,
+    offload: str = "off",
+    device: str | torch.device | None = None,
+    max_sequence_length: int = 512,
+    character_on_negative: bool = True,
+    decode: bool = True,
+    step_callback: Callable[[int, int], None] | None = None,
+) -> GenerationResult:
+    """Generate ``batch_size`` pictures of the character.
+
+    ``init_latents`` (raw VAE space, [1 or B, 16, H/8, W/8]) with ``denoise`` < 1 is img2img in ComfyUI's
+    sense: a schedule of round(steps / denoise) steps of which the last ``steps`` run. True CFG runs when a
+    negative prompt is given and ``true_cfg`` > 1. ``step_callback(step, total)`` is called after every step;
+    raising from it stops the run (that is how Cancel works). Whatever happens, the transformer's attention
+    processors and the models' placement are restored before returning.
+    """
+    check_size(width, height)
+    if steps < 1:
+        raise InputError("steps must be at least 1.")
+    if batch_size < 1:
+        raise InputError("batch_size must be at least 1.")
+    if not 0 < denoise <= 1:
+        raise InputError(f"denoise must be in (0, 1], got {denoise}.")
+    if (adapter is None) != (features is None):
+        raise InputError("Give both the adapter and the character, or neither.")
+
+    transformer, vae = flux.transformer, flux.vae
+    dtype = transformer.dtype
+    placement = Placement(flux, adapter, offload, device)
+    device = placement.device
+    scale_factor = flux.vae_scale_factor
+    lat_h, lat_w = 2 * (height // (scale_factor * 2)), 2 * (width // (scale_factor * 2))
+    channels = transformer.config.in_channels // 4
+    do_cfg = negative_prompt is not None and true_cfg > 1
+
+    attachment = None
+    try:
+        with placement.text_encoders():
+            (prompt_embeds, pooled, text_ids), neg = _encode_prompts(
+                flux, prompt, negative_prompt if do_cfg else None, batch_size, device, max_sequence_length)
+
+        image_seq_len = (lat_h // 2) * (lat_w // 2)
+        total = steps if denoise >= 1 else max(steps, int(round(steps / denoise)))
+        timesteps = flux_schedule(flux.scheduler, total, image_seq_len, device)
+        start = total - steps
+        timesteps = timesteps[start:]
+        flux.scheduler.set_begin_index(start)
+
+        noise = seeded_noise(seed, (batch_size, channels, lat_h, lat_w), prompt_embeds.dtype)
+        latents = flux._pack_latents(noise, batch_size, channels, lat_h, lat_w).to(device)
+        if init_latents is not None:
+            latents = _noised_init(flux, init_latents, latents, timesteps[:1], batch_size, lat_h, lat_w,
+                                   denoise, device)
+        image_ids = flux._prepare_latent_image_ids(batch_size, lat_h // 2, lat_w // 2, device, prompt_embeds.dtype)
+
+        tokens = None
+        if adapter is not None:
+            with placement.projector():
+                tokens = character_tokens(adapter, features, timesteps, dtype).to(device)
+            attachment = attach(transformer, adapter)
+            attachment.context.image_seq_len = image_seq_len
+
+        guidance_vec = torch.full([batch_size], guidance, device=device, dtype=torch.float32)
+        with placement.transformer(), torch.inference_mode():
+            for i, t in enumerate(timesteps):
+                timestep = t.expand(batch_size).to(latents.dtype)
+
+                def run(embeds, pooled_embeds, with_character: bool):
+                    if attachment is not None:
+                        attachment.context.tokens = tokens[i] if with_character else None
+                        attachment.context.scale = subject_scale
+                    return transformer(hidden_states=latents, timestep=timestep / 1000, guidance=guidance_vec,
+                                       pooled_projections=pooled_embeds, encoder_hidden_states=embeds,
+                                       txt_ids=text_ids, img_ids=image_ids, return_dict=False)[0]
+
+                noise_pred = run(prompt_embeds, pooled, True)
+                if do_cfg:
+                    neg_pred = run(neg[0], neg[1], character_on_negative)
+                    noise_pred = neg_pred + true_cfg * (noise_pred - neg_pred)
+                latents = flux.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+                if step_callback is not None:
+                    step_callback(i + 1, len(timesteps))
+    finally:
+        if attachment is not None:
+            attachment.detach()
+        placement.restore()
+
+    raw = flux._unpack_latents(latents, height, width, scale_factor)
+    raw = raw / vae.config.scaling_factor + vae.config.shift_factor
+    images = None
+    if decode:
+        with placement.vae():
+            images = decode_latents(flux, raw)
+    return GenerationResult(images=images, latents=raw.float().cpu())
+
+
+def _noised_init(flux, init_latents, noise_packed, first_t, batch, lat_h, lat_w, denoise, device):
+    init = torch.as_tensor(init_latents).float()
+    if init.ndim != 4 or init.shape[1] != 16 or tuple(init.shape[2:]) != (lat_h, lat_w):
+        raise InputError(
+            f"The input LATENT has shape {tuple(init.shape)} but this size needs [B, 16, {lat_h}, {lat_w}]: "
+            "set width/height to the input image's size (or encode an image of the chosen size)."
+        )
+    if init.shape[0] not in (1, batch):
+        raise InputError(f"The input LATENT holds {init.shape[0]} latents; use 1 or batch_size ({batch}).")
+    init = init.expand(batch, -1, -1, -1)
+    cfg = flux.vae.config
+    init = (init - cfg.shift_factor) * cfg.scaling_factor
+    packed = flux._pack_latents(init, batch, 16, lat_h, lat_w).to(device, noise_packed.dtype)
+    if denoise >= 1:
+        return noise_packed
+    return flux.scheduler.scale_noise(packed, first_t, noise_packed)
+
+
+def decode_latents(flux, raw_latents: torch.Tensor) -> torch.Tensor:
+    """Raw VAE latents [B, 16, h, w] → images [B, H, W, 3] in 0–1."""
+    vae = flux.vae
+    p = next(vae.parameters())
+    with torch.inference_mode():
+        decoded = vae.decode(raw_latents.to(p.device, p.dtype), return_dict=False)[0]
+    return (decoded.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu()
+

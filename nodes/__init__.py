@@ -1,0 +1,24 @@
+"""ComfyUI nodes of the pack. The only code that imports ComfyUI."""
+
+from typing_extensions import override
+
+from comfy_api.latest import ComfyExtension, io
+
+from . import folders
+from .loaders import LoadAdapter, LoadFlux, LoadImageEncoders
+from .reference import EncodeReference
+from .sampler import Sampler
+
+folders.register()
+
+NODES = [LoadFlux, LoadImageEncoders, LoadAdapter, EncodeReference, Sampler]
+
+
+class InstantCharacterExtension(ComfyExtension):
+    @override
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return NODES
+
+
+async def comfy_entrypoint() -> InstantCharacterExtension:
+    return InstantCharacterExtension()

@@ -1,0 +1,101 @@
+"""The InstantCharacter sampler (pipeline path): prompt + character → IMAGE and LATENT."""
+
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from ..instantcharacter.memory import OFFLOAD_MODES
+from .types import CATEGORY, Adapter, Character, Flux
+
+OOM_HINT = ("Out of GPU memory. Set the sampler's offload to 'model' (each model on the GPU only while it runs) "
+            "or 'sequential' (transformer blocks streamed one at a time: slowest, least memory), lower the size or "
+            "batch size, and close other GPU programs.")
+
+
+class Sampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="InstantCharacterSampler",
+            display_name="InstantCharacter Sampler",
+            category=CATEGORY,
+            description="Generates pictures of the character with FLUX.1-dev and the InstantCharacter adapter. "
+                        "Outputs images and the LATENT (FLUX VAE space: ComfyUI's VAEDecode with ae.safetensors "
+                        "decodes it).",
+            inputs=[
+                Flux.Input("flux", tooltip="From InstantCharacter Load FLUX."),
+                Adapter.Input("adapter", tooltip="From InstantCharacter Load Adapter."),
+                Character.Input("character", tooltip="From InstantCharacter Encode Reference."),
+                io.String.Input("prompt", multiline=True, default="a character standing in a sunlit forest",
+                                tooltip="What to draw. Describe the scene, pose and style; the character comes from "
+                                        "the reference."),
+                io.Int.Input("width", default=1024, min=256, max=2048, step=16,
+                             tooltip="Width in pixels, a multiple of 16. Ignored when a LATENT is connected."),
+                io.Int.Input("height", default=1024, min=256, max=2048, step=16,
+                             tooltip="Height in pixels, a multiple of 16. Ignored when a LATENT is connected."),
+                io.Int.Input("steps", default=28, min=1, max=200,
+                             tooltip="Denoising steps (28 is the official setting)."),
+                io.Float.Input("guidance", default=3.5, min=0.0, max=20.0, step=0.1,
+                               tooltip="FLUX.1-dev's distilled guidance (3.5 is the official setting)."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="The same seed gives the same pictures on any device."),
+                io.Float.Input("subject_scale", default=0.9, min=0.0, max=2.0, step=0.05,
+                               tooltip="How strongly the character is imposed: 0 = plain FLUX, 0.9 official default; "
+                                       "lower it if the prompt's pose or style is ignored."),
+                io.Int.Input("batch_size", default=1, min=1, max=16, tooltip="Pictures per run (different noise)."),
+                io.Combo.Input("offload", options=list(OFFLOAD_MODES), default="off",
+                               tooltip="GPU memory use: off = everything on the GPU (fastest, ~45 GB); model = each "
+                                       "model on the GPU only while it runs; sequential = transformer blocks streamed "
+                                       "one at a time (slowest, least memory). No effect on a CPU-only machine."),
+                io.String.Input("negative_prompt", multiline=True, default="", optional=True,
+                                tooltip="Optional. Used only when true_cfg > 1 (true classifier-free guidance, about "
+                                        "twice as slow)."),
+                io.Float.Input("true_cfg", default=1.0, min=1.0, max=10.0, step=0.1, optional=True,
+                               tooltip="> 1 with a negative prompt turns on true CFG; 1 = off (official default)."),
+                io.Latent.Input("latent", optional=True,
+                                tooltip="Optional: start from this LATENT (e.g. VAEEncode of a picture with the FLUX "
+                                        "VAE) for img2img; its size sets the output size."),
+                io.Float.Input("denoise", default=1.0, min=0.01, max=1.0, step=0.01, optional=True,
+                               tooltip="With a LATENT: how much to change it (1 = ignore it, 0.6 keeps the layout). "
+                                       "Like KSampler: 'steps' steps run on the tail of a longer schedule."),
+            ],
+            outputs=[io.Image.Output(display_name="images"), io.Latent.Output(display_name="latent")],
+        )
+
+    @classmethod
+    def execute(cls, flux, adapter, character, prompt, width, height, steps, guidance, seed, subject_scale,
+                batch_size, offload, negative_prompt="", true_cfg=1.0, latent=None, denoise=1.0) -> io.NodeOutput:
+        import comfy.model_management as mm
+        import comfy.utils
+
+        from ..instantcharacter.pipeline import generate
+
+        init = None
+        if latent is not None:
+            init = latent["samples"]
+            height, width = init.shape[-2] * 8, init.shape[-1] * 8
+            if init.shape[0] > 1 and batch_size == 1:
+                batch_size = init.shape[0]
+        elif denoise < 1:
+            denoise = 1.0  # nothing to keep without an input latent
+
+        # Our models are not ComfyUI ModelPatchers: free what ComfyUI holds before taking the GPU.
+        mm.unload_all_models()
+        mm.soft_empty_cache()
+        bar = comfy.utils.ProgressBar(steps)
+
+        def on_step(step, total):
+            bar.update_absolute(step, total)
+            mm.throw_exception_if_processing_interrupted()
+
+        try:
+            result = generate(flux, adapter, character, prompt, negative_prompt=negative_prompt or None,
+                              true_cfg=true_cfg, width=width, height=height, steps=steps, guidance=guidance,
+                              seed=seed, subject_scale=subject_scale, batch_size=batch_size, init_latents=init,
+                              denoise=denoise, offload=offload, device=mm.get_torch_device(), step_callback=on_step)
+        except mm.OOM_EXCEPTION as err:
+            if mm.OOM_EXCEPTION is Exception:
+                raise
+            mm.soft_empty_cache()
+            raise RuntimeError(OOM_HINT) from err
+        return io.NodeOutput(result.images, {"samples": result.latents})
