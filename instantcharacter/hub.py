@@ -1,9 +1,9 @@
 """Model downloads from the Hugging Face Hub and checks that a model folder is complete.
 
 The token comes from ``HF_TOKEN`` or the machine's Hugging Face login (``hf auth login``), never from a
-node widget, so it is never saved into a workflow. Downloads resume: huggingface_hub keeps partial files
-under ``<folder>/.cache/huggingface`` and continues them on the next try. A folder counts as present only
-when every file it needs is there.
+node widget, so it is never saved into a workflow. Running a download again keeps the files that already
+arrived and fetches only the rest (huggingface_hub skips finished files; a dropped connection is resumed
+within one run). A folder counts as present only when every file it needs is there.
 """
 
 from __future__ import annotations
@@ -94,7 +94,8 @@ def download(model: HubModel, dest: str | os.PathLike, progress: Callable[[int, 
              endpoint: str | None = None) -> Path:
     """Download ``model`` into ``dest`` (a folder; for the adapter, the ipadapter folder) and return the path
     of the folder or file. ``progress(done, total)`` counts files. ``endpoint`` overrides the Hub address
-    (tests point it at a local stand-in; ``HF_ENDPOINT`` works too)."""
+    (tests point it at a local stand-in; ``HF_ENDPOINT`` works too, if set before huggingface_hub is first
+    imported, i.e. before ComfyUI starts)."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
@@ -114,21 +115,32 @@ def download(model: HubModel, dest: str | os.PathLike, progress: Callable[[int, 
         raise DownloadError(
             f"{model.repo_id} could not be opened (HTTP {_status(err)}): "
             + ("it is gated and needs a token: accept its licence on the Hub, then set HF_TOKEN or run "
-               "`hf auth login`; " if model.gated else "")
+               "`hf auth login`; " if model.gated else "check the repo name and that you have access to it; ")
             + f"{_manual_hint(model, dest)}."
         ) from err
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as err:
         raise DownloadError(
-            f"Could not download {model.repo_id} ({type(err).__name__}: {str(err)[:160]}). Check the internet "
-            f"connection and run again (the download resumes), {_manual_hint(model, dest)}."
+            f"Could not download {model.repo_id} ({type(err).__name__}: {_short(err)}). Check the internet "
+            f"connection and run again (files already downloaded are kept), {_manual_hint(model, dest)}."
         ) from err
     if model is ADAPTER:
+        # snapshot_download returns a non-empty local_dir as it is when the Hub cannot be reached, and the
+        # ipadapter folder usually holds other adapters: check that the file really arrived.
+        if not (dest / ADAPTER_FILENAME).is_file():
+            raise DownloadError(f"Could not download {ADAPTER_FILENAME} from {model.repo_id} into {dest}. Check the "
+                                f"internet connection and run again, {_manual_hint(model, dest)}.")
         return dest / ADAPTER_FILENAME
     missing = missing_flux_files(dest) if model is FLUX_DEV else missing_encoder_files(dest)
     if missing:
         raise DownloadError(f"The download of {model.repo_id} into {dest} is incomplete (missing "
-                            f"{', '.join(missing[:3])}); run again to resume, {_manual_hint(model, dest)}.")
+                            f"{', '.join(missing[:3])}); check the internet connection and run again (files already "
+                            f"downloaded are kept), {_manual_hint(model, dest)}.")
     return dest
+
+
+def _short(err: Exception, limit: int = 240) -> str:
+    text = " ".join(str(err).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _status(err) -> str:
@@ -142,7 +154,8 @@ def _progress_tqdm(progress: Callable[[int, int], None]):
     class ProgressTqdm(tqdm):
         def update(self, n=1):
             result = super().update(n)
-            if self.total:
+            # snapshot_download also makes its byte bars (unit "B") from this class; report only the file count.
+            if self.total and self.unit != "B":
                 progress(int(self.n), int(self.total))
             return result
 

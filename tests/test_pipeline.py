@@ -1,0 +1,197 @@
+"""The core end to end on tiny random models: encoders → projector → attention → generation."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from instantcharacter.adapter import attach
+from instantcharacter.errors import InputError
+from instantcharacter.pipeline import character_tokens, flux_schedule, generate
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return Image.open(ASSETS / "reference_girl.png")
+
+
+@pytest.fixture(scope="module")
+def features(tiny_encoders, reference):
+    return tiny_encoders.encode([reference], fit="stretch")
+
+
+def test_feature_shapes(features, tiny_encoders):
+    c = tiny_encoders.feature_dim
+    assert features.low_res_deep.shape == (1, 729, c)
+    assert features.low_res_shallow.shape == (1, 3 * 729, c)
+    assert features.high_res_deep.shape == (1, 4 * 729, c)
+
+
+@pytest.mark.parametrize("fit", ["stretch", "pad", "crop"])
+def test_fit_modes_and_colour_modes_encode(tiny_encoders, reference, fit):
+    rgba = reference.convert("RGBA")
+    gray = reference.convert("L")
+    for image in (reference, rgba, gray):
+        f = tiny_encoders.encode([image], fit=fit)
+        assert f.low_res_deep.shape == (1, 729, tiny_encoders.feature_dim)
+        assert torch.isfinite(f.high_res_deep).all()
+
+
+def test_fit_modes_change_the_features(tiny_encoders, reference):
+    a = tiny_encoders.encode([reference], fit="stretch").low_res_deep
+    b = tiny_encoders.encode([reference], fit="pad").low_res_deep
+    assert (a - b).abs().max() > 1e-4
+
+
+def test_several_views_fuse_to_the_mean(tiny_encoders, reference):
+    flipped = reference.transpose(Image.FLIP_LEFT_RIGHT)
+    one, two = tiny_encoders.encode([reference]), tiny_encoders.encode([flipped])
+    fused = tiny_encoders.encode([reference, flipped])
+    for a, b, f in zip(one.tensors(), two.tensors(), fused.tensors()):
+        torch.testing.assert_close(f, (a + b) / 2, atol=1e-6, rtol=1e-5)
+    weighted = tiny_encoders.encode([reference, flipped], weights=[1.0, 0.0])
+    for a, w in zip(one.tensors(), weighted.tensors()):
+        torch.testing.assert_close(w, a)
+
+
+def test_precomputed_tokens_equal_per_step_recomputation(tiny_adapter, features, tiny_flux):
+    timesteps = flux_schedule(tiny_flux.scheduler, 6, 16, "cpu")
+    all_at_once = character_tokens(tiny_adapter, features, timesteps, torch.float32, chunk=4)
+    proj = tiny_adapter.image_proj
+    with torch.inference_mode():
+        for i, t in enumerate(timesteps):
+            full = proj(features.low_res_shallow, features.low_res_deep, features.high_res_deep, t[None])
+            torch.testing.assert_close(all_at_once[i], full, atol=1e-5, rtol=1e-5)
+    assert all_at_once.shape[0] == 6
+    assert (all_at_once[0] - all_at_once[-1]).abs().max() > 1e-4  # the tokens do depend on the timestep
+
+
+def _transformer_inputs(flux, batch=2, text_len=7, side=4):
+    g = torch.Generator().manual_seed(3)
+    cfg = flux.transformer.config
+    ids = torch.zeros(side * side, 3)
+    ids[:, 1], ids[:, 2] = torch.arange(side * side) // side, torch.arange(side * side) % side
+    return dict(hidden_states=torch.randn(batch, side * side, cfg.in_channels, generator=g),
+                encoder_hidden_states=torch.randn(batch, text_len, cfg.joint_attention_dim, generator=g),
+                pooled_projections=torch.randn(batch, cfg.pooled_projection_dim, generator=g),
+                timestep=torch.full([batch], 0.6), guidance=torch.full([batch], 3.5),
+                img_ids=ids, txt_ids=torch.zeros(text_len, 3), return_dict=False)
+
+
+def test_scale_zero_equals_no_adapter_and_detach_restores(tiny_flux, tiny_adapter, features):
+    transformer = tiny_flux.transformer
+    inputs = _transformer_inputs(tiny_flux)
+    before_procs = dict(transformer.attn_processors)
+    before_weights = {k: v.clone() for k, v in transformer.state_dict().items()}
+    tokens = character_tokens(tiny_adapter, features, torch.tensor([600.0]), torch.float32)[0]
+    with torch.inference_mode():
+        plain = transformer(**inputs)[0]
+        with attach(transformer, tiny_adapter) as att:
+            att.context.image_seq_len = 16
+            att.context.tokens = tokens
+            att.context.scale = 0.0
+            zero = transformer(**inputs)[0]
+            att.context.scale = 1.0
+            full = transformer(**inputs)[0]
+            assert all(type(p).__name__ == "CharacterFluxAttnProcessor" for p in transformer.attn_processors.values())
+    assert (zero - plain).abs().max() <= 1e-6
+    assert (full - plain).abs().max() > 1e-3
+    after = transformer.attn_processors
+    assert after.keys() == before_procs.keys() and all(after[k] is before_procs[k] for k in after)
+    assert all(torch.equal(before_weights[k], v) for k, v in transformer.state_dict().items())
+
+
+def test_per_layer_scale_override(tiny_flux, tiny_adapter, features):
+    transformer = tiny_flux.transformer
+    inputs = _transformer_inputs(tiny_flux)
+    tokens = character_tokens(tiny_adapter, features, torch.tensor([600.0]), torch.float32)[0]
+    with torch.inference_mode(), attach(transformer, tiny_adapter) as att:
+        att.context.image_seq_len, att.context.tokens = 16, tokens
+        att.context.scale = 0.0
+        plain = transformer(**inputs)[0]
+        att.context.layer_scales = {tiny_adapter.num_layers - 1: 1.0}  # only the last single block
+        last_only = transformer(**inputs)[0]
+    assert (last_only - plain).abs().max() > 1e-4
+
+
+def _run(flux, adapter, features, **kw):
+    args = dict(width=64, height=64, steps=3, seed=7, max_sequence_length=32)
+    args.update(kw)
+    return generate(flux, adapter, features, "a girl in a red coat", **args)
+
+
+def test_same_seed_same_latents_and_shapes(tiny_flux, tiny_adapter, features):
+    a = _run(tiny_flux, tiny_adapter, features, batch_size=2)
+    b = _run(tiny_flux, tiny_adapter, features, batch_size=2)
+    assert a.latents.shape == (2, 16, 8, 8) and a.images.shape == (2, 64, 64, 3)
+    assert torch.equal(a.latents, b.latents)
+    assert (a.latents[0] - a.latents[1]).abs().max() > 1e-3  # the batch has different noise
+    c = _run(tiny_flux, tiny_adapter, features, batch_size=2, seed=8)
+    assert (a.latents - c.latents).abs().max() > 1e-3
+    assert 0 <= a.images.min() and a.images.max() <= 1
+
+
+def test_subject_scale_changes_and_zero_matches_plain_flux(tiny_flux, tiny_adapter, features):
+    plain = _run(tiny_flux, None, None)
+    zero = _run(tiny_flux, tiny_adapter, features, subject_scale=0.0)
+    full = _run(tiny_flux, tiny_adapter, features, subject_scale=1.0)
+    assert (zero.latents - plain.latents).abs().max() <= 1e-5
+    assert (full.latents - plain.latents).abs().max() > 1e-3
+
+
+def test_true_cfg_uses_the_negative_prompt(tiny_flux, tiny_adapter, features):
+    base = _run(tiny_flux, tiny_adapter, features)
+    cfg = _run(tiny_flux, tiny_adapter, features, negative_prompt="blurry", true_cfg=2.0)
+    off = _run(tiny_flux, tiny_adapter, features, negative_prompt="blurry", true_cfg=1.0)
+    assert torch.equal(base.latents, off.latents)
+    assert (base.latents - cfg.latents).abs().max() > 1e-3
+
+
+def test_img2img_keeps_the_input_at_low_denoise(tiny_flux, tiny_adapter, features):
+    first = _run(tiny_flux, tiny_adapter, features)
+    init = first.latents
+    light = _run(tiny_flux, tiny_adapter, features, init_latents=init, denoise=0.2, seed=99)
+    heavy = _run(tiny_flux, tiny_adapter, features, init_latents=init, denoise=1.0, seed=99)
+    fresh = _run(tiny_flux, tiny_adapter, features, seed=99)
+    assert torch.equal(heavy.latents, fresh.latents)  # denoise 1 ignores the input
+    assert (light.latents - init).abs().mean() < (heavy.latents - init).abs().mean()
+    with pytest.raises(InputError, match="16, 8, 8"):
+        _run(tiny_flux, tiny_adapter, features, init_latents=torch.zeros(1, 16, 4, 4), denoise=0.5)
+
+
+def test_progress_callback_and_cancel_leave_the_model_clean(tiny_flux, tiny_adapter, features):
+    seen = []
+    _run(tiny_flux, tiny_adapter, features, step_callback=lambda s, t: seen.append((s, t)))
+    assert seen == [(1, 3), (2, 3), (3, 3)]
+
+    class Cancelled(Exception):
+        pass
+
+    def cancel(step, total):
+        if step == 2:
+            raise Cancelled
+
+    before = dict(tiny_flux.transformer.attn_processors)
+    with pytest.raises(Cancelled):
+        _run(tiny_flux, tiny_adapter, features, step_callback=cancel, offload="sequential")
+    after = tiny_flux.transformer.attn_processors
+    assert all(after[k] is before[k] for k in before)
+    assert not any(b._forward_pre_hooks or b._forward_hooks for b in tiny_flux.transformer.modules())
+    again = _run(tiny_flux, tiny_adapter, features)
+    assert torch.isfinite(again.latents).all()
+
+
+@pytest.mark.parametrize("mode", ["model", "sequential"])
+def test_offload_modes_give_the_same_result_on_cpu(tiny_flux, tiny_adapter, features, mode):
+    base = _run(tiny_flux, tiny_adapter, features)
+    other = _run(tiny_flux, tiny_adapter, features, offload=mode)
+    assert torch.equal(base.latents, other.latents)
+
+
+@pytest.mark.parametrize("width,height", [(65, 64), (64, 100), (8, 64)])
+def test_sizes_must_be_multiples_of_16(tiny_flux, tiny_adapter, features, width, height):
+    with pytest.raises(InputError, match="multiple of 16"):
+        _run(tiny_flux, tiny_adapter, features, width=width, height=height)
