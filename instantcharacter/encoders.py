@@ -26,18 +26,19 @@ DINO_DEFAULT_NORM = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 class ReferenceFeatures:
     """Encoder features of one character, SigLIP channels first, then DINOv2 channels.
 
-    low_res_deep [1, 729, C], low_res_shallow [1, 3·729, C], high_res_deep [1, 4·729, C].
+    low_res_shallow [1, 3·729, C], low_res_deep [1, 729, C], high_res_deep [1, 4·729, C]: the order of
+    the projector's arguments.
     """
 
-    low_res_deep: torch.Tensor
     low_res_shallow: torch.Tensor
+    low_res_deep: torch.Tensor
     high_res_deep: torch.Tensor
 
     def to(self, *args, **kwargs) -> "ReferenceFeatures":
         return ReferenceFeatures(*(t.to(*args, **kwargs) for t in self.tensors()))
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.low_res_deep, self.low_res_shallow, self.high_res_deep
+        return self.low_res_shallow, self.low_res_deep, self.high_res_deep
 
     @staticmethod
     def blend(items: list["ReferenceFeatures"], weights: list[float] | None = None) -> "ReferenceFeatures":
@@ -152,7 +153,7 @@ class ReferenceEncoders:
         low_shallow = torch.cat([s_shallow[:1], d_shallow[:1]], dim=2)
         # the four tiles' tokens laid end to end
         high_deep = torch.cat([s_deep[1:].flatten(0, 1), d_deep[1:].flatten(0, 1)], dim=1)[None]
-        return ReferenceFeatures(low_deep, low_shallow, high_deep)
+        return ReferenceFeatures(low_res_shallow=low_shallow, low_res_deep=low_deep, high_res_deep=high_deep)
 
     def encode(self, images: list[Image.Image], fit: str = "stretch",
                weights: list[float] | None = None) -> ReferenceFeatures:

@@ -28,4 +28,4 @@ def tiny_encoders(tiny_models):
 def tiny_adapter(tiny_models):
     from instantcharacter.adapter import load_adapter
 
-    return load_adapter(tiny_models["adapter"])
+    return load_adapter(tiny_models["adapter"], dtype=torch.float32)
