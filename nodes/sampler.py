@@ -29,9 +29,9 @@ class Sampler(io.ComfyNode):
                 io.String.Input("prompt", multiline=True, default="a character standing in a sunlit forest",
                                 tooltip="What to draw. Describe the scene, pose and style; the character comes from "
                                         "the reference."),
-                io.Int.Input("width", default=1024, min=256, max=2048, step=16,
+                io.Int.Input("width", default=1024, min=16, max=4096, step=16,
                              tooltip="Width in pixels, a multiple of 16. Ignored when a LATENT is connected."),
-                io.Int.Input("height", default=1024, min=256, max=2048, step=16,
+                io.Int.Input("height", default=1024, min=16, max=4096, step=16,
                              tooltip="Height in pixels, a multiple of 16. Ignored when a LATENT is connected."),
                 io.Int.Input("steps", default=28, min=1, max=200,
                              tooltip="Denoising steps (28 is the official setting)."),

@@ -1,0 +1,169 @@
+"""Run a real ComfyUI (``COMFYUI_DIR``) with this pack and talk to it over HTTP, for the host tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+PACK = Path(__file__).resolve().parents[2]
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+
+
+def comfyui_dir() -> Path | None:
+    value = os.environ.get("COMFYUI_DIR")
+    return Path(value) if value and (Path(value) / "main.py").is_file() else None
+
+
+SKIP_REASON = "COMFYUI_DIR is not set to a ComfyUI checkout (ComfyUI is not on PyPI; see README, Tests)"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ComfyServer:
+    """``main.py --cpu`` on a free port, with the pack visible through an extra-model-paths
+    ``custom_nodes`` entry (the ComfyUI checkout is not modified)."""
+
+    def __init__(self, workdir: Path, models: Path, env: dict | None = None):
+        self.workdir = workdir
+        self.models = models
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.input_dir = workdir / "input"
+        self.output_dir = workdir / "output"
+        self.log_path = workdir / "server.log"
+        self.env = env or {}
+        self.process = None
+
+    def __enter__(self) -> "ComfyServer":
+        nodes = self.workdir / "custom_nodes"
+        for d in (nodes, self.input_dir, self.output_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        link = nodes / "ComfyUI-InstantCharacter"
+        if not link.exists():
+            link.symlink_to(PACK, target_is_directory=True)
+        config = self.workdir / "extra_model_paths.yaml"
+        config.write_text(
+            "instantcharacter_tests:\n"
+            f"  base_path: {self.models}\n"
+            "  diffusion_models: unet\n  clip_vision: clip_vision\n  ipadapter: ipadapter\n  vae: vae\n"
+            "  text_encoders: text_encoders\n  loras: loras\n"
+            f"  custom_nodes: {nodes}\n"
+        )
+        python = os.environ.get("COMFYUI_PYTHON", sys.executable)
+        env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_DISABLE_TELEMETRY="1", **self.env)
+        self._log = open(self.log_path, "w")
+        self.process = subprocess.Popen(
+            [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+             "--extra-model-paths-config", str(config), "--output-directory", str(self.output_dir),
+             "--input-directory", str(self.input_dir), "--disable-auto-launch"],
+            cwd=comfyui_dir(), stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited ({self.process.returncode}):\n{self.log_tail()}")
+            try:
+                self.get("/object_info/InstantCharacterSampler")
+                return self
+            except (urllib.error.URLError, ConnectionError, OSError):
+                time.sleep(1)
+        raise RuntimeError(f"ComfyUI did not start in 180 s:\n{self.log_tail()}")
+
+    def __exit__(self, *exc) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        self._log.close()
+
+    def log_tail(self, n: int = 60) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+    def get(self, path: str):
+        with urllib.request.urlopen(self.url + path, timeout=30) as r:
+            return json.load(r)
+
+    def post_prompt(self, prompt: dict) -> str:
+        data = json.dumps({"prompt": prompt}).encode()
+        req = urllib.request.Request(self.url + "/prompt", data=data, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return json.load(r)["prompt_id"]
+        except urllib.error.HTTPError as err:
+            raise AssertionError(f"/prompt refused the graph: {err.read().decode()}") from err
+
+    def run(self, prompt: dict, timeout: float = 600) -> dict:
+        """Post a prompt and return its history entry once it has finished (success or error)."""
+        prompt_id = self.post_prompt(prompt)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            entry = self.get(f"/history/{prompt_id}").get(prompt_id)
+            if entry and entry.get("status", {}).get("completed") is not None and \
+                    entry["status"].get("status_str") in ("success", "error"):
+                return entry
+            time.sleep(0.5)
+        raise AssertionError(f"prompt {prompt_id} did not finish in {timeout} s:\n{self.log_tail()}")
+
+
+def error_message(entry: dict) -> str:
+    for kind, data in entry.get("status", {}).get("messages", []):
+        if kind == "execution_error":
+            return f"{data.get('exception_type')}: {data.get('exception_message')}"
+    return ""
+
+
+def widget_inputs(info: dict) -> list[tuple[str, str, dict]]:
+    """(name, type, options) of a node's widget inputs in the frontend's order: required, then optional."""
+    out = []
+    for section in ("required", "optional"):
+        for name, spec in info["input"].get(section, {}).items():
+            kind = spec[0] if isinstance(spec[0], str) else "COMBO"
+            options = spec[1] if len(spec) > 1 else {}
+            if kind in WIDGET_TYPES and not options.get("forceInput"):
+                out.append((name, kind, options))
+    return out
+
+
+def ui_to_api(workflow: dict, object_info: dict) -> dict:
+    """Convert a workflow saved by the ComfyUI frontend to the /prompt API format.
+
+    Widget values are matched to the node's widget inputs in order; the frontend stores one extra value
+    after a seed with control_after_generate, and one after an image combo with an upload button.
+    """
+    links = {link[0]: link for link in workflow["links"]}
+    prompt = {}
+    for node in workflow["nodes"]:
+        if node.get("mode", 0) != 0:
+            continue
+        info = object_info[node["type"]]
+        inputs = {}
+        linked = {i["name"]: links[i["link"]] for i in node.get("inputs", []) if i.get("link") is not None}
+        values = list(node.get("widgets_values") or [])
+        for name, kind, options in widget_inputs(info):
+            if not values:
+                raise ValueError(f"{node['type']} (node {node['id']}): no widget value left for '{name}'")
+            value = values.pop(0)
+            if options.get("control_after_generate"):
+                values.pop(0)
+            if options.get("image_upload"):
+                values.pop(0)
+            if name not in linked:
+                inputs[name] = value
+        if values:
+            raise ValueError(f"{node['type']} (node {node['id']}): {len(values)} widget value(s) left over: {values}")
+        for name, link in linked.items():
+            inputs[name] = [str(link[1]), link[2]]
+        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return prompt

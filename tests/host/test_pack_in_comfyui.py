@@ -1,0 +1,140 @@
+"""The pack inside a real ComfyUI (``COMFYUI_DIR``): node registry, shipped workflows, errors."""
+
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from comfyui import error_message, ui_to_api, widget_inputs
+
+WORKFLOWS = Path(__file__).resolve().parents[2] / "workflows"
+PIPELINE_WORKFLOWS = ["instantcharacter_basic.json", "instantcharacter_multiview_mask.json",
+                      "instantcharacter_img2img.json"]
+OUR_NODES = ["InstantCharacterLoadFlux", "InstantCharacterLoadImageEncoders", "InstantCharacterLoadAdapter",
+             "InstantCharacterEncodeReference", "InstantCharacterSampler"]
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def object_info(server):
+    return server.get("/object_info")
+
+
+def test_every_node_is_listed_with_a_description_and_tooltips(object_info):
+    for node_id in OUR_NODES:
+        assert node_id in object_info, f"{node_id} missing from /object_info"
+        info = object_info[node_id]
+        assert info["description"], node_id
+        assert info["category"] == "InstantCharacter"
+        for section in ("required", "optional"):
+            for name, spec in info["input"].get(section, {}).items():
+                assert spec[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
+
+
+def test_the_pack_imports_fast(server):
+    log = server.log_path.read_text()
+    line = next(l for l in log.splitlines() if "ComfyUI-InstantCharacter" in l and "seconds" in l)
+    assert float(line.split()[0]) < 0.5, line
+
+
+def _load(name):
+    return json.loads((WORKFLOWS / name).read_text())
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in WORKFLOWS.glob("*.json")))
+def test_workflow_widgets_match_the_node_schemas(name, object_info):
+    workflow = _load(name)
+    prompt = ui_to_api(workflow, object_info)  # raises on a missing or left-over widget value
+    for node_id, node in prompt.items():
+        info = object_info[node["class_type"]]
+        for input_name, kind, options in widget_inputs(info):
+            value = node["inputs"].get(input_name)
+            if kind == "COMBO" and isinstance(value, str) and not input_name == "image":
+                choices = info["input"].get("required", {}).get(input_name) or info["input"]["optional"][input_name]
+                listed = choices[0] if isinstance(choices[0], list) else choices[1].get("options", [])
+                assert value in listed, f"{name}: {node['class_type']}.{input_name}={value!r} not in {listed}"
+    thumbnail = WORKFLOWS / name.replace(".json", ".png")
+    assert thumbnail.is_file(), f"{name} has no thumbnail {thumbnail.name}"
+
+
+def _fast(prompt, object_info):
+    """Same graph, cheap settings: 2 steps at 64×64 (sizes from a LATENT stay as they are)."""
+    prompt = copy.deepcopy(prompt)
+    for node in prompt.values():
+        if node["class_type"] == "InstantCharacterSampler":
+            node["inputs"].update(steps=2, width=SIZE, height=SIZE)
+        for key in ("weight_dtype",):
+            if key in node["inputs"]:
+                node["inputs"][key] = "fp32"
+    return prompt
+
+
+def _saved_images(server, entry):
+    files = [img for out in entry["outputs"].values() for img in out.get("images", [])]
+    return [Image.open(server.output_dir / f["subfolder"] / f["filename"]) for f in files]
+
+
+@pytest.mark.parametrize("name,count,size", [
+    ("instantcharacter_basic.json", 1, (SIZE, SIZE)),
+    ("instantcharacter_multiview_mask.json", 4, (SIZE, SIZE)),
+    ("instantcharacter_img2img.json", 1, (128, 128)),
+])
+def test_shipped_workflow_runs(server, object_info, name, count, size):
+    entry = server.run(_fast(ui_to_api(_load(name), object_info), object_info))
+    assert entry["status"]["status_str"] == "success", error_message(entry) + "\n" + server.log_tail()
+    images = _saved_images(server, entry)
+    assert len(images) == count
+    assert all(im.size == size for im in images)
+
+
+def _basic(object_info, **sampler):
+    prompt = _fast(ui_to_api(_load("instantcharacter_basic.json"), object_info), object_info)
+    for node in prompt.values():
+        if node["class_type"] == "InstantCharacterSampler":
+            node["inputs"].update(sampler)
+    return prompt
+
+
+def _with(prompt, class_type, **inputs):
+    for node in prompt.values():
+        if node["class_type"] == class_type:
+            node["inputs"].update(inputs)
+    return prompt
+
+
+def test_bad_adapter_file_gives_our_error_and_the_server_carries_on(server, host_models, object_info):
+    import torch
+
+    bad = host_models / "ipadapter" / "ip-adapter_sd15.bin"
+    torch.save({"image_proj": {"proj.weight": torch.zeros(3072, 1024)},
+                "ip_adapter": {"1.to_k_ip.weight": torch.zeros(320, 768), "1.to_v_ip.weight": torch.zeros(320, 768)}},
+               bad)
+    info = server.get("/object_info/InstantCharacterLoadAdapter")["InstantCharacterLoadAdapter"]
+    assert "ip-adapter_sd15.bin" in info["input"]["required"]["adapter"][1]["options"]
+    entry = server.run(_with(_basic(object_info), "InstantCharacterLoadAdapter", adapter="ip-adapter_sd15.bin"))
+    assert entry["status"]["status_str"] == "error"
+    assert "SD1.5 IP-Adapter" in error_message(entry)
+    again = server.run(_basic(object_info, seed=5))
+    assert again["status"]["status_str"] == "success", error_message(again)
+
+
+def test_incomplete_model_folder_gives_our_error(server, host_models, object_info):
+    broken = host_models / "unet" / "FLUX.1-dev-broken"
+    if not broken.exists():
+        shutil.copytree(host_models / "unet" / "FLUX.1-dev", broken)
+        next((broken / "transformer").glob("*-00002-of-*.safetensors")).unlink()
+    entry = server.run(_with(_basic(object_info), "InstantCharacterLoadFlux", model="FLUX.1-dev-broken"))
+    assert entry["status"]["status_str"] == "error"
+    assert "is incomplete" in error_message(entry) and "transformer/" in error_message(entry)
+    again = server.run(_basic(object_info, seed=6))
+    assert again["status"]["status_str"] == "success", error_message(again)
+
+
+def test_size_not_multiple_of_16_is_explained(server, object_info):
+    # The widget steps by 16, but an API caller (or an old workflow) can still send 72.
+    entry = server.run(_basic(object_info, width=72, height=64))
+    assert entry["status"]["status_str"] == "error"
+    assert "width 72 is not a multiple of 16" in error_message(entry) and "use 64 or 80" in error_message(entry)
