@@ -42,8 +42,10 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--subject-scale", type=float, default=0.9)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--fit", choices=("stretch", "pad", "crop"), default="stretch")
-    p.add_argument("--offload", choices=("off", "model", "sequential"), default=None,
-                   help="default: what `doctor` recommends for this machine")
+    p.add_argument("--offload", choices=("auto", "off", "budget", "sequential"), default="auto",
+                   help="auto picks from the free VRAM (what `doctor` reports)")
+    p.add_argument("--vram-budget", type=float, default=None, help="GB for --offload budget")
+    p.add_argument("--fp8", action="store_true", help="store transformer weights as fp8 (compute in bf16)")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
     p.add_argument("--output-dir", type=Path, default=Path("output"))
 
@@ -74,14 +76,13 @@ def cmd_generate(args) -> int:
 
     from .adapter import load_adapter
     from .encoders import ReferenceEncoders
-    from .memory import recommend_offload
     from .pipeline import generate, load_flux
 
     paths = args.paths if hasattr(args, "paths") else _paths(args)
     references = args.reference or [BUNDLED_REFERENCE]
     images = [Image.open(p) for p in references]
     dtype = _dtype(args.dtype)
-    offload = args.offload or recommend_offload()[0]
+    offload = args.offload
     device = "cuda" if torch.cuda.is_available() else "cpu"
     started = time.perf_counter()
     encoders = ReferenceEncoders.load(paths["siglip"], paths["dinov2"], dtype=dtype,
@@ -101,7 +102,8 @@ def cmd_generate(args) -> int:
     result = generate(flux, adapter, features, args.prompt, negative_prompt=args.negative_prompt,
                       true_cfg=args.true_cfg, width=args.width, height=args.height, steps=args.steps,
                       guidance=args.guidance, seed=args.seed, subject_scale=args.subject_scale,
-                      batch_size=args.batch_size, offload=offload, step_callback=progress)
+                      batch_size=args.batch_size, offload=offload, vram_budget_gb=args.vram_budget,
+                      fp8_storage=args.fp8, step_callback=progress)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     for i, img in enumerate(result.images):
         out = args.output_dir / f"instantcharacter_{args.seed}_{i:02d}.png"
@@ -118,7 +120,8 @@ def _selftest(args) -> int:
         paths = write_tiny_models(Path(tmp) / "models")
         ns = argparse.Namespace(paths=paths, reference=None, prompt="a test character", negative_prompt="blurry",
                                 true_cfg=1.5, width=64, height=64, steps=2, guidance=3.5, seed=1,
-                                subject_scale=0.9, batch_size=2, fit="pad", offload=None, dtype="fp32",
+                                subject_scale=0.9, batch_size=2, fit="pad", offload="auto", vram_budget=None,
+                                fp8=False, dtype="fp32",
                                 output_dir=Path(tmp) / "out")
         cmd_generate(ns)
         written = sorted((Path(tmp) / "out").glob("*.png"))

@@ -128,7 +128,9 @@ def generate(
     batch_size: int = 1,
     init_latents: torch.Tensor | None = None,
     denoise: float = 1.0,
-    offload: str = "off",
+    offload: str = "auto",
+    vram_budget_gb: float | None = None,
+    fp8_storage: bool = False,
     device: str | torch.device | None = None,
     max_sequence_length: int = 512,
     character_on_negative: bool = True,
@@ -139,7 +141,8 @@ def generate(
 
     ``init_latents`` (raw VAE space, [1 or B, 16, H/8, W/8]) with ``denoise`` < 1 is img2img in ComfyUI's
     sense: a schedule of round(steps / denoise) steps of which the last ``steps`` run. True CFG runs when a
-    negative prompt is given and ``true_cfg`` > 1. ``step_callback(step, total)`` is called after every step;
+    negative prompt is given and ``true_cfg`` > 1. ``offload`` / ``vram_budget_gb`` / ``fp8_storage``: see
+    :mod:`memory`. ``step_callback(step, total)`` is called after every step;
     raising from it stops the run (that is how Cancel works). Whatever happens, the transformer's attention
     processors and the models' placement are restored before returning.
     """
@@ -155,7 +158,7 @@ def generate(
 
     transformer, vae = flux.transformer, flux.vae
     dtype = transformer.dtype
-    placement = Placement(flux, adapter, offload, device)
+    placement = Placement(flux, adapter, offload, device, budget_gb=vram_budget_gb, fp8=fp8_storage)
     device = placement.device
     scale_factor = flux.vae_scale_factor
     lat_h, lat_w = 2 * (height // (scale_factor * 2)), 2 * (width // (scale_factor * 2))

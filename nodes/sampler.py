@@ -7,9 +7,9 @@ from comfy_api.latest import io
 from ..instantcharacter.memory import OFFLOAD_MODES
 from .types import CATEGORY, Adapter, Character, Flux
 
-OOM_HINT = ("Out of GPU memory. Set the sampler's offload to 'model' (each model on the GPU only while it runs) "
-            "or 'sequential' (transformer blocks streamed one at a time: slowest, least memory), lower the size or "
-            "batch size, and close other GPU programs.")
+OOM_HINT = ("Out of GPU memory. Set the sampler's offload to 'budget' with a lower vram_budget_gb (transformer "
+            "blocks that do not fit stream from RAM), turn on fp8_storage, or use 'sequential' (one block at a time: "
+            "slowest, least memory); lower the size or batch size, and close other GPU programs.")
 
 
 class Sampler(io.ComfyNode):
@@ -43,10 +43,18 @@ class Sampler(io.ComfyNode):
                                tooltip="How strongly the character is imposed: 0 = plain FLUX, 0.9 official default; "
                                        "lower it if the prompt's pose or style is ignored."),
                 io.Int.Input("batch_size", default=1, min=1, max=16, tooltip="Pictures per run (different noise)."),
-                io.Combo.Input("offload", options=list(OFFLOAD_MODES), default="off",
-                               tooltip="GPU memory use: off = everything on the GPU (fastest, ~45 GB); model = each "
-                                       "model on the GPU only while it runs; sequential = transformer blocks streamed "
-                                       "one at a time (slowest, least memory). No effect on a CPU-only machine."),
+                io.Combo.Input("offload", options=list(OFFLOAD_MODES), default="auto",
+                               tooltip="GPU memory use. auto: picks from the free VRAM. off: every model on the GPU "
+                                       "(fastest, most VRAM). budget: keep at most vram_budget_gb on the GPU; "
+                                       "transformer blocks that do not fit stream from RAM while the GPU works. "
+                                       "sequential: one block at a time (slowest, least VRAM). No effect on a "
+                                       "CPU-only machine."),
+                io.Float.Input("vram_budget_gb", default=16.0, min=2.0, max=200.0, step=0.5,
+                               tooltip="Used when offload is 'budget': GB of VRAM this sampler may use."),
+                io.Boolean.Input("fp8_storage", default=False,
+                                 tooltip="Keep the transformer and character-attention weights as fp8 (half the "
+                                         "memory and half the bytes to stream) and compute in bf16. Slightly changes "
+                                         "the pictures."),
                 io.String.Input("negative_prompt", multiline=True, default="", optional=True,
                                 tooltip="Optional. Used only when true_cfg > 1 (true classifier-free guidance, about "
                                         "twice as slow)."),
@@ -64,7 +72,8 @@ class Sampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, flux, adapter, character, prompt, width, height, steps, guidance, seed, subject_scale,
-                batch_size, offload, negative_prompt="", true_cfg=1.0, latent=None, denoise=1.0) -> io.NodeOutput:
+                batch_size, offload, vram_budget_gb, fp8_storage, negative_prompt="", true_cfg=1.0, latent=None,
+                denoise=1.0) -> io.NodeOutput:
         import comfy.model_management as mm
         import comfy.utils
 
@@ -92,7 +101,8 @@ class Sampler(io.ComfyNode):
             result = generate(flux, adapter, character, prompt, negative_prompt=negative_prompt or None,
                               true_cfg=true_cfg, width=width, height=height, steps=steps, guidance=guidance,
                               seed=seed, subject_scale=subject_scale, batch_size=batch_size, init_latents=init,
-                              denoise=denoise, offload=offload, device=mm.get_torch_device(), step_callback=on_step)
+                              denoise=denoise, offload=offload, vram_budget_gb=vram_budget_gb, fp8_storage=fp8_storage,
+                              device=mm.get_torch_device(), step_callback=on_step)
         except mm.OOM_EXCEPTION as err:
             if mm.OOM_EXCEPTION is Exception:
                 raise

@@ -184,7 +184,7 @@ def test_progress_callback_and_cancel_leave_the_model_clean(tiny_flux, tiny_adap
     assert torch.isfinite(again.latents).all()
 
 
-@pytest.mark.parametrize("mode", ["model", "sequential"])
+@pytest.mark.parametrize("mode", ["auto", "sequential"])
 def test_offload_modes_give_the_same_result_on_cpu(tiny_flux, tiny_adapter, features, mode):
     base = _run(tiny_flux, tiny_adapter, features)
     other = _run(tiny_flux, tiny_adapter, features, offload=mode)

@@ -1,0 +1,131 @@
+"""Placement and streaming logic (on the CPU the same hooks and copies run; only CUDA streams are absent)."""
+
+import pytest
+import torch
+from PIL import Image
+
+from instantcharacter.memory import GIB, Placement, choose_offload, model_sizes
+from instantcharacter.pipeline import generate
+from instantcharacter.streaming import BlockStreamer, module_bytes, plan_residency
+
+
+def test_plan_residency_extremes_and_spread():
+    sizes = [10] * 8
+    assert plan_residency(sizes, 1000) == [True] * 8
+    assert plan_residency(sizes, 5) == [False] * 8
+    half = plan_residency(sizes, 40)
+    assert sum(half) == 4
+    # streamed blocks are spread out, not bunched at one end
+    streamed = [i for i, r in enumerate(half) if not r]
+    assert max(b - a for a, b in zip(streamed, streamed[1:])) <= 3
+    assert sum(plan_residency([10, 30, 10, 30], 45)) == 2
+
+
+def test_choose_offload():
+    sizes = {"blocks": 26 * GIB, "transformer_rest": GIB // 5, "text_encoders": 10 * GIB, "vae": GIB // 6,
+             "projector": 3 * GIB}
+    assert choose_offload(80 * GIB, sizes).mode == "off"
+    mid = choose_offload(24 * GIB, sizes)
+    assert mid.mode == "budget" and 23 <= mid.budget_gb < 24
+    assert choose_offload(6 * GIB, sizes).mode == "sequential"
+
+
+@pytest.fixture(scope="module")
+def features(tiny_encoders):
+    from pathlib import Path
+
+    return tiny_encoders.encode([Image.open(Path(__file__).resolve().parents[1] / "assets" / "reference_girl.png")])
+
+
+def _run(flux, adapter, features, **kw):
+    return generate(flux, adapter, features, "a girl", width=64, height=64, steps=2, seed=3,
+                    max_sequence_length=32, decode=False, **kw).latents
+
+
+def _snapshot(flux, adapter):
+    params = list(flux.transformer.parameters()) + list(adapter.parameters())
+    return [(p, p.data_ptr(), p.data.clone()) for p in params]
+
+
+def _unchanged(snapshot):
+    """Every parameter is back in the very storage it had, with bit-identical values."""
+    return all(p.data_ptr() == ptr and p.dtype == copy.dtype and torch.equal(p.data, copy) for p, ptr, copy in snapshot)
+
+
+def test_budget_streams_some_blocks_and_matches_off(tiny_flux, tiny_adapter, features):
+    reference = _run(tiny_flux, tiny_adapter, features, offload="off")
+    sizes = model_sizes(tiny_flux, tiny_adapter)
+    t = tiny_flux.transformer
+    groups = [module_bytes([b, layer]) for b, layer in
+              zip(list(t.transformer_blocks) + list(t.single_transformer_blocks), tiny_adapter.ip_adapter)]
+    # room for two streamed blocks in flight plus about a third of the blocks resident, on top of the reserve
+    budget = (2 * max(groups) + sizes["blocks"] / 3 + sizes["transformer_rest"]) / GIB + 3.0
+    placement = Placement(tiny_flux, tiny_adapter, "budget", "cpu", budget_gb=budget)
+    resident = placement.residency()
+    placement.restore()
+    assert 0 < sum(resident) < len(resident)
+    snapshot = _snapshot(tiny_flux, tiny_adapter)
+    streamed = _run(tiny_flux, tiny_adapter, features, offload="budget", vram_budget_gb=budget)
+    assert torch.equal(streamed, reference)
+    assert _unchanged(snapshot)
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in tiny_flux.transformer.modules())
+
+
+def test_sequential_and_auto_match_off(tiny_flux, tiny_adapter, features):
+    reference = _run(tiny_flux, tiny_adapter, features, offload="off")
+    assert torch.equal(_run(tiny_flux, tiny_adapter, features, offload="sequential"), reference)
+    assert torch.equal(_run(tiny_flux, tiny_adapter, features, offload="auto"), reference)
+
+
+def test_budget_mode_needs_a_budget(tiny_flux, tiny_adapter):
+    with pytest.raises(ValueError, match="budget"):
+        Placement(tiny_flux, tiny_adapter, "budget", "cpu")
+
+
+@pytest.mark.parametrize("mode", ["off", "budget", "sequential"])
+def test_fp8_storage_is_close_and_leaves_weights_exact(tiny_flux, tiny_adapter, features, mode):
+    reference = _run(tiny_flux, tiny_adapter, features, offload="off")
+    snapshot = _snapshot(tiny_flux, tiny_adapter)
+    fp8 = _run(tiny_flux, tiny_adapter, features, offload=mode, vram_budget_gb=3.05, fp8_storage=True)
+    assert _unchanged(snapshot)
+    assert not torch.equal(fp8, reference)  # the weights really were rounded to fp8
+    rel = (fp8 - reference).norm() / reference.norm()
+    assert rel < 0.1, rel
+
+
+def test_streamer_materializes_only_around_use():
+    blocks = [torch.nn.Linear(4, 4) for _ in range(4)]
+    extras = [[torch.nn.Linear(4, 4)] for _ in range(4)]
+    originals = [b.weight.data for b in blocks]
+    seen = []
+
+    def check(i):
+        def hook(module, args):
+            seen.append((i, blocks[i].weight.dtype))
+        return hook
+
+    streamer = BlockStreamer(blocks, extras, torch.device("cpu"), [True, False, True, False], torch.float32,
+                             storage_dtype=torch.float8_e4m3fn)
+    for i, b in enumerate(blocks):
+        b.register_forward_pre_hook(check(i))  # runs after the streamer's own pre-hook
+    assert all(b.weight.dtype == torch.float8_e4m3fn for b in blocks)  # stored, not materialized
+    x = torch.randn(2, 4)
+    for b in blocks:
+        x = b(x)
+    assert [d for _, d in seen] == [torch.float32] * 4  # each block computed in fp32
+    assert all(b.weight.dtype == torch.float8_e4m3fn for b in blocks)  # and released after use
+    streamer.close()
+    assert all(b.weight.data_ptr() == o.data_ptr() and b.weight.dtype == o.dtype for b, o in zip(blocks, originals))
+    assert all(len(b._forward_pre_hooks) == 1 and not b._forward_hooks for b in blocks)  # only ours is left
+
+
+def test_module_bytes_fp8_halves_bf16():
+    m = torch.nn.Linear(64, 64, bias=False).to(torch.bfloat16)
+    assert module_bytes([m], torch.float8_e4m3fn) * 2 == module_bytes([m])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (streams, pinned memory)")
+def test_cuda_streaming_overlaps_and_matches(tiny_flux, tiny_adapter, features):
+    reference = _run(tiny_flux, tiny_adapter, features, offload="off", device="cuda")
+    streamed = _run(tiny_flux, tiny_adapter, features, offload="budget", vram_budget_gb=3.05, device="cuda")
+    torch.testing.assert_close(streamed, reference)
