@@ -85,10 +85,7 @@ def cmd_generate(args) -> int:
     offload = args.offload
     device = "cuda" if torch.cuda.is_available() else "cpu"
     started = time.perf_counter()
-    encoders = ReferenceEncoders.load(paths["siglip"], paths["dinov2"], dtype=dtype,
-                                      device=device if offload == "off" else "cpu")
-    if offload != "off":
-        encoders.to(device)
+    encoders = ReferenceEncoders.load(paths["siglip"], paths["dinov2"], dtype=dtype).to(device)
     features = encoders.encode(images, fit=args.fit)
     encoders.to("cpu")
     del encoders

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from .hub import ADAPTER, ADAPTER_FILENAME, DINOV2, FLUX_DEV, SIGLIP, HubModel, missing_encoder_files, missing_flux_files
 
-# ComfyUI's folder names, with the older alias each can also be found under.
-FOLDER_ALIASES = {"diffusion_models": ("diffusion_models", "unet"), "clip_vision": ("clip_vision",),
+# ComfyUI folder names and the folders they map to, in ComfyUI's order (downloads go to the first).
+FOLDER_ALIASES = {"diffusion_models": ("unet", "diffusion_models"), "clip_vision": ("clip_vision",),
                   "ipadapter": ("ipadapter",)}
 
 

@@ -1,0 +1,45 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from instantcharacter.__main__ import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_generate_on_tiny_models_writes_images(tiny_models, tmp_path, capsys):
+    models = tiny_models["flux"].parents[1]
+    code = main(["--models-dir", str(models), "generate", "--prompt", "a girl on a bike", "--width", "64",
+                 "--height", "48", "--steps", "2", "--batch-size", "2", "--dtype", "fp32", "--fit", "pad",
+                 "--output-dir", str(tmp_path)])
+    assert code == 0
+    from PIL import Image
+
+    written = sorted(tmp_path.glob("*.png"))
+    assert len(written) == 2 and all(Image.open(p).size == (64, 48) for p in written)
+    assert "step 2/2" in capsys.readouterr().out
+
+
+def test_missing_models_are_listed_with_where_they_go(tmp_path, capsys):
+    code = main(["--models-dir", str(tmp_path), "generate", "--steps", "1"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "black-forest-labs/FLUX.1-dev: missing" in err and str(tmp_path / "unet" / "FLUX.1-dev") in err
+    assert "instantcharacter_ip-adapter.bin" in err and "--download" in err
+
+
+def test_doctor_reports_models_and_offload(tiny_models, capsys):
+    models = tiny_models["flux"].parents[1]
+    assert main(["--models-dir", str(models), "doctor"]) == 0
+    out = capsys.readouterr().out
+    assert "recommended offload:" in out
+    assert out.count("[ok]") == 4
+
+
+def test_doctor_selftest_runs_as_a_module():
+    result = subprocess.run([sys.executable, "-m", "instantcharacter", "doctor", "--selftest"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "tiny RANDOM models" in result.stdout and "selftest passed" in result.stdout
