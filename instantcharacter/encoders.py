@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from .errors import InputError, ModelFolderError
-from .images import fit_square, reference_views
+from .images import LOW_RES, prepare_reference, reference_views
 
 SIGLIP_SHALLOW_LAYERS = (7, 13, 26)
 DINO_SHALLOW_LAYERS = (9, 19, 29)
@@ -51,6 +51,20 @@ class ReferenceFeatures:
         w = (w / w.sum()).tolist()
         fields = zip(*(f.tensors() for f in items))
         return ReferenceFeatures(*(sum(wi * t.float() for wi, t in zip(w, ts)).to(ts[0].dtype) for ts in fields))
+
+
+def parse_weights(text: str, count: int) -> list[float] | None:
+    """'1, 1, 0.5' → [1.0, 1.0, 0.5] (one weight per picture); empty → None (all equal)."""
+    text = (text or "").strip()
+    if not text:
+        return None
+    try:
+        weights = [float(part) for part in text.replace(";", ",").split(",") if part.strip()]
+    except ValueError as err:
+        raise InputError(f"weights must be numbers separated by commas, e.g. '1, 1, 0.5'; got {text!r}") from err
+    if len(weights) != count:
+        raise InputError(f"weights lists {len(weights)} numbers but {count} pictures were given; give one per picture.")
+    return weights
 
 
 def _model_type(folder: Path) -> str:
@@ -155,13 +169,31 @@ class ReferenceEncoders:
         high_deep = torch.cat([s_deep[1:].flatten(0, 1), d_deep[1:].flatten(0, 1)], dim=1)[None]
         return ReferenceFeatures(low_res_shallow=low_shallow, low_res_deep=low_deep, high_res_deep=high_deep)
 
-    def encode(self, images: list[Image.Image], fit: str = "stretch",
-               weights: list[float] | None = None) -> ReferenceFeatures:
+    def encode(self, images: list[Image.Image], fit: str = "stretch", weights: list[float] | None = None,
+               masks: list | None = None, crop: bool = False, margin: float = 0.1) -> ReferenceFeatures:
         """Features of one character from one or more pictures of it.
 
         Several pictures are fused by a (weighted) mean of their encoder features, so views from different
-        angles combine into one character. Images may be any PIL mode; transparency becomes white.
+        angles combine into one character. Images may be any PIL mode; transparency becomes white. See
+        :func:`images.prepare_reference` for ``masks``, ``crop`` and ``margin``.
         """
         if not images:
             raise InputError("No reference image was given.")
-        return ReferenceFeatures.blend([self.encode_square(fit_square(im, fit)) for im in images], weights)
+        masks = masks or [None] * len(images)
+        squares = [prepare_reference(im, fit, m, crop, margin) for im, m in zip(images, masks)]
+        return self.encode_squares(squares, weights)
+
+    def encode_squares(self, squares: list[Image.Image], weights: list[float] | None = None) -> ReferenceFeatures:
+        return ReferenceFeatures.blend([self.encode_square(sq) for sq in squares], weights)
+
+    @torch.inference_mode()
+    def embed(self, squares: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Whole-picture embeddings for comparing pictures: SigLIP's pooled output and DINOv2's CLS token,
+        from the same 384² low-res view the adapter reads. Returns ([N, siglip width], [N, dino width])."""
+        views = [sq.resize((LOW_RES, LOW_RES)) for sq in squares]
+        param = next(self.siglip.parameters())
+        s = self.siglip(pixel_values=self._pixels(views, self.siglip_norm).to(param.device, param.dtype))
+        siglip = s.pooler_output if s.pooler_output is not None else s.last_hidden_state.mean(1)
+        param = next(self.dino.parameters())
+        d = self.dino(pixel_values=self._pixels(views, self.dino_norm).to(param.device, param.dtype))
+        return siglip.float().cpu(), d.last_hidden_state[:, 0].float().cpu()

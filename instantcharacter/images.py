@@ -62,6 +62,38 @@ def fit_square(image: Image.Image, fit: str = "stretch") -> Image.Image:
     raise InputError(f"Unknown fit mode {fit!r}; choose one of {', '.join(FIT_MODES)}.")
 
 
+def character_box(image: Image.Image, mask: np.ndarray | torch.Tensor | None = None,
+                  white_threshold: int = 245) -> tuple[int, int, int, int] | None:
+    """Bounding box (left, top, right, bottom) of the character: where ``mask`` > 0.5, else where the alpha
+    channel is not transparent, else where the picture is not (near) white. None if nothing is found."""
+    if mask is not None:
+        inside = torch.as_tensor(mask, dtype=torch.float32).squeeze().numpy() > 0.5
+    elif image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        inside = np.asarray(image.convert("RGBA"))[..., 3] > 0
+    else:
+        inside = (np.asarray(image.convert("RGB")) < white_threshold).any(-1)
+    rows, cols = np.flatnonzero(inside.any(1)), np.flatnonzero(inside.any(0))
+    if rows.size == 0:
+        return None
+    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
+
+
+def prepare_reference(image: Image.Image, fit: str = "stretch", mask=None, crop: bool = False,
+                      margin: float = 0.1) -> Image.Image:
+    """The square picture the encoders see: background made white (from ``mask``, 1 = character, or the
+    alpha channel), optionally cropped to the character's bounding box plus ``margin`` × its longer side,
+    then fitted to a square."""
+    box = character_box(image, mask) if crop else None
+    picture = apply_mask(image, mask) if mask is not None else to_rgb(image)
+    if box is not None:
+        left, top, right, bottom = box
+        pad = int(round(margin * max(right - left, bottom - top)))
+        box = (max(0, left - pad), max(0, top - pad), min(picture.width, right + pad),
+               min(picture.height, bottom + pad))
+        picture = picture.crop(box)
+    return fit_square(picture, fit)
+
+
 def reference_views(square: Image.Image) -> list[Image.Image]:
     """The five 384×384 views of a square reference: the low-res whole, then the 768² picture's four tiles
     in the order top-left, top-right, bottom-left, bottom-right."""
@@ -86,14 +118,14 @@ def pil_to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(to_rgb(image), dtype=np.float32) / 255.0)
 
 
-def references_from_batch(images: torch.Tensor, mask: torch.Tensor | None = None) -> list[Image.Image]:
-    """A ComfyUI IMAGE batch [B, H, W, C] (+ optional MASK [B or 1, H, W], 1 = character) → PIL pictures
-    with the background painted white where the mask is 0."""
+def split_batch(images: torch.Tensor, mask: torch.Tensor | None = None) -> list[tuple[Image.Image, torch.Tensor | None]]:
+    """A ComfyUI IMAGE batch [B, H, W, C] (+ optional MASK [B or 1, H, W], 1 = character) → (picture, mask)
+    pairs, one mask shared by all pictures when only one is given."""
     if images.ndim == 3:
         images = images[None]
     pictures = [tensor_to_pil(im) for im in images]
     if mask is None:
-        return pictures
+        return [(p, None) for p in pictures]
     if mask.ndim == 2:
         mask = mask[None]
     if mask.shape[0] not in (1, len(pictures)):
@@ -101,4 +133,9 @@ def references_from_batch(images: torch.Tensor, mask: torch.Tensor | None = None
             f"Got {len(pictures)} images but {mask.shape[0]} masks: give one mask, or one mask per image."
         )
     masks = mask.expand(len(pictures), -1, -1) if mask.shape[0] == 1 else mask
-    return [apply_mask(p, m) for p, m in zip(pictures, masks)]
+    return list(zip(pictures, masks))
+
+
+def references_from_batch(images: torch.Tensor, mask: torch.Tensor | None = None) -> list[Image.Image]:
+    """Like :func:`split_batch`, with the background painted white where the mask is 0."""
+    return [apply_mask(p, m) if m is not None else p for p, m in split_batch(images, mask)]

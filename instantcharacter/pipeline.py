@@ -134,6 +134,10 @@ def generate(
     device: str | torch.device | None = None,
     max_sequence_length: int = 512,
     character_on_negative: bool = True,
+    start_percent: float = 0.0,
+    end_percent: float = 1.0,
+    double_blocks_weight: float = 1.0,
+    single_blocks_weight: float = 1.0,
     decode: bool = True,
     step_callback: Callable[[int, int], None] | None = None,
 ) -> GenerationResult:
@@ -143,7 +147,9 @@ def generate(
     sense: a schedule of round(steps / denoise) steps of which the last ``steps`` run. True CFG runs when a
     negative prompt is given and ``true_cfg`` > 1. ``offload`` / ``vram_budget_gb`` / ``fp8_storage``: see
     :mod:`memory`. ``step_callback(step, total)`` is called after every step;
-    raising from it stops the run (that is how Cancel works). Whatever happens, the transformer's attention
+    raising from it stops the run (that is how Cancel works). The character acts on the steps whose index i
+    satisfies ``start_percent <= i / steps < end_percent``, with ``subject_scale`` times ``double_blocks_weight`` in the double-stream blocks and times
+    ``single_blocks_weight`` in the single-stream ones; the defaults are the official behaviour. Whatever happens, the transformer's attention
     processors and the models' placement are restored before returning.
     """
     check_size(width, height)
@@ -155,6 +161,8 @@ def generate(
         raise InputError(f"denoise must be in (0, 1], got {denoise}.")
     if (adapter is None) != (features is None):
         raise InputError("Give both the adapter and the character, or neither.")
+    if not 0 <= start_percent <= end_percent <= 1:
+        raise InputError(f"Need 0 ≤ start_percent ≤ end_percent ≤ 1, got {start_percent} and {end_percent}.")
 
     transformer, vae = flux.transformer, flux.vae
     dtype = transformer.dtype
@@ -191,16 +199,21 @@ def generate(
                 tokens = character_tokens(adapter, features, timesteps, dtype).to(device)
             attachment = attach(transformer, adapter)
             attachment.context.image_seq_len = image_seq_len
+            n_double = len(transformer.transformer_blocks)
+            attachment.context.layer_scales = {
+                i: subject_scale * (double_blocks_weight if i < n_double else single_blocks_weight)
+                for i in range(adapter.num_layers)}
 
         guidance_vec = torch.full([batch_size], guidance, device=device, dtype=torch.float32)
         with placement.transformer(), torch.inference_mode():
             for i, t in enumerate(timesteps):
                 timestep = t.expand(batch_size).to(latents.dtype)
 
+                acting = start_percent <= i / len(timesteps) < end_percent
+
                 def run(embeds, pooled_embeds, with_character: bool):
                     if attachment is not None:
-                        attachment.context.tokens = tokens[i] if with_character else None
-                        attachment.context.scale = subject_scale
+                        attachment.context.tokens = tokens[i] if with_character and acting else None
                     return transformer(hidden_states=latents, timestep=timestep / 1000, guidance=guidance_vec,
                                        pooled_projections=pooled_embeds, encoder_hidden_states=embeds,
                                        txt_ids=text_ids, img_ids=image_ids, return_dict=False)[0]

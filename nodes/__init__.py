@@ -6,12 +6,13 @@ from comfy_api.latest import ComfyExtension, io
 
 from . import folders
 from .loaders import LoadAdapter, LoadFlux, LoadImageEncoders
-from .reference import EncodeReference
+from .consistency import ConsistencyScore
+from .reference import BlendCharacters, EncodeReference
 from .sampler import Sampler
 
 folders.register()
 
-NODES = [LoadFlux, LoadImageEncoders, LoadAdapter, EncodeReference, Sampler]
+NODES = [LoadFlux, LoadImageEncoders, LoadAdapter, EncodeReference, BlendCharacters, Sampler, ConsistencyScore]
 
 
 class InstantCharacterExtension(ComfyExtension):

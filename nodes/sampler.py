@@ -66,6 +66,18 @@ class Sampler(io.ComfyNode):
                 io.Float.Input("denoise", default=1.0, min=0.01, max=1.0, step=0.01, optional=True,
                                tooltip="With a LATENT: how much to change it (1 = ignore it, 0.6 keeps the layout). "
                                        "Like KSampler: 'steps' steps run on the tail of a longer schedule."),
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01, optional=True,
+                               tooltip="The character acts from this fraction of the steps on (0 = from the start; "
+                                       "a later start lets the prompt set the layout first)."),
+                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01, optional=True,
+                               tooltip="... and up to this fraction of the steps (1 = to the end)."),
+                io.Float.Input("double_blocks_weight", default=1.0, min=0.0, max=2.0, step=0.05, optional=True,
+                               tooltip="Multiplies subject_scale in the 19 double-stream blocks (1 = official)."),
+                io.Float.Input("single_blocks_weight", default=1.0, min=0.0, max=2.0, step=0.05, optional=True,
+                               tooltip="Multiplies subject_scale in the 38 single-stream blocks (1 = official)."),
+                io.Boolean.Input("character_on_negative", default=True, optional=True,
+                                 tooltip="With true CFG: also apply the character on the negative pass (the official "
+                                         "behaviour). Off makes the character stronger."),
             ],
             outputs=[io.Image.Output(display_name="images"), io.Latent.Output(display_name="latent")],
         )
@@ -73,7 +85,8 @@ class Sampler(io.ComfyNode):
     @classmethod
     def execute(cls, flux, adapter, character, prompt, width, height, steps, guidance, seed, subject_scale,
                 batch_size, offload, vram_budget_gb, fp8_storage, negative_prompt="", true_cfg=1.0, latent=None,
-                denoise=1.0) -> io.NodeOutput:
+                denoise=1.0, start_percent=0.0, end_percent=1.0, double_blocks_weight=1.0, single_blocks_weight=1.0,
+                character_on_negative=True) -> io.NodeOutput:
         import comfy.model_management as mm
         import comfy.utils
 
@@ -102,7 +115,10 @@ class Sampler(io.ComfyNode):
                               true_cfg=true_cfg, width=width, height=height, steps=steps, guidance=guidance,
                               seed=seed, subject_scale=subject_scale, batch_size=batch_size, init_latents=init,
                               denoise=denoise, offload=offload, vram_budget_gb=vram_budget_gb, fp8_storage=fp8_storage,
-                              device=mm.get_torch_device(), step_callback=on_step)
+                              start_percent=start_percent, end_percent=end_percent,
+                              double_blocks_weight=double_blocks_weight, single_blocks_weight=single_blocks_weight,
+                              character_on_negative=character_on_negative, device=mm.get_torch_device(),
+                              step_callback=on_step)
         except mm.OOM_EXCEPTION as err:
             if mm.OOM_EXCEPTION is Exception:
                 raise

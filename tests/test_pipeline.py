@@ -195,3 +195,24 @@ def test_offload_modes_give_the_same_result_on_cpu(tiny_flux, tiny_adapter, feat
 def test_sizes_must_be_multiples_of_16(tiny_flux, tiny_adapter, features, width, height):
     with pytest.raises(InputError, match="multiple of 16"):
         _run(tiny_flux, tiny_adapter, features, width=width, height=height)
+
+
+def test_schedule_window_and_block_weights_at_their_extremes(tiny_flux, tiny_adapter, features):
+    plain = _run(tiny_flux, None, None)
+    full = _run(tiny_flux, tiny_adapter, features, subject_scale=1.0)
+    # an empty window, or zero weight in both kinds of block, is plain FLUX
+    for kw in (dict(start_percent=0.0, end_percent=0.0), dict(start_percent=1.0, end_percent=1.0),
+               dict(double_blocks_weight=0.0, single_blocks_weight=0.0)):
+        out = _run(tiny_flux, tiny_adapter, features, subject_scale=1.0, **kw)
+        assert (out.latents - plain.latents).abs().max() <= 1e-5, kw
+    # the whole window with weights 1 is the default (official) behaviour, bit for bit
+    same = _run(tiny_flux, tiny_adapter, features, subject_scale=1.0, start_percent=0.0, end_percent=1.0,
+                double_blocks_weight=1.0, single_blocks_weight=1.0)
+    assert torch.equal(same.latents, full.latents)
+    # each part does something on its own
+    for kw in (dict(double_blocks_weight=0.0), dict(single_blocks_weight=0.0), dict(end_percent=0.5)):
+        out = _run(tiny_flux, tiny_adapter, features, subject_scale=1.0, **kw)
+        assert (out.latents - full.latents).abs().max() > 1e-4, kw
+        assert (out.latents - plain.latents).abs().max() > 1e-4, kw
+    with pytest.raises(InputError, match="start_percent"):
+        _run(tiny_flux, tiny_adapter, features, start_percent=0.8, end_percent=0.2)
