@@ -149,8 +149,9 @@ def cmd_doctor(args) -> int:
     models_dir = args.models_dir or default_models_dir()
     print(f"models folder: {models_dir.resolve()}")
     for loc in locate_all(models_dir).values():
-        state = "ok" if loc.present else loc.detail.upper()
-        print(f"  [{state}] {loc.model.repo_id} ({loc.model.size}) → {loc.path}")
+        state = "ok" if loc.present else loc.detail.split(":")[0]
+        detail = "" if loc.present or ":" not in loc.detail else f" ({loc.detail.split(':', 1)[1].strip()})"
+        print(f"  [{state}] {loc.model.repo_id} ({loc.model.size}) → {loc.path}{detail}")
     return _selftest(args) if args.selftest else 0
 
 

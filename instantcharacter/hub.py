@@ -96,12 +96,22 @@ def download(model: HubModel, dest: str | os.PathLike, progress: Callable[[int, 
     of the folder or file. ``progress(done, total)`` counts files. ``endpoint`` overrides the Hub address
     (tests point it at a local stand-in; ``HF_ENDPOINT`` works too, if set before huggingface_hub is first
     imported, i.e. before ComfyUI starts)."""
+    dest = Path(dest)
+    created = not dest.exists()
+    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        _snapshot(model, dest, _progress_tqdm(progress) if progress else None, endpoint)
+        return _check_complete(model, dest)
+    except DownloadError:
+        if created and not any(dest.iterdir()):
+            dest.rmdir()  # a download that got nothing leaves nothing behind
+        raise
+
+
+def _snapshot(model: HubModel, dest: Path, tqdm_class, endpoint: str | None) -> None:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
-    dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
-    tqdm_class = _progress_tqdm(progress) if progress else None
     try:
         snapshot_download(model.repo_id, local_dir=dest, allow_patterns=list(model.patterns),
                           tqdm_class=tqdm_class, endpoint=endpoint)
@@ -123,6 +133,9 @@ def download(model: HubModel, dest: str | os.PathLike, progress: Callable[[int, 
             f"Could not download {model.repo_id} ({type(err).__name__}: {_short(err)}). Check the internet "
             f"connection and run again (files already downloaded are kept), {_manual_hint(model, dest)}."
         ) from err
+
+
+def _check_complete(model: HubModel, dest: Path) -> Path:
     if model is ADAPTER:
         # snapshot_download returns a non-empty local_dir as it is when the Hub cannot be reached, and the
         # ipadapter folder usually holds other adapters: check that the file really arrived.

@@ -347,3 +347,12 @@ def test_guard_stops_requests_to_the_real_hub(tmp_path, isolated_hf):
         hub.download(hub.SIGLIP, tmp_path / "siglip", endpoint=None)
     assert isolated_hf  # the refused address was recorded (teardown would fail the test on it)
     isolated_hf.clear()
+
+
+def test_a_download_that_gets_nothing_leaves_no_folder(tmp_path):
+    from instantcharacter import hub
+
+    dest = tmp_path / "unet" / "FLUX.1-dev"
+    with unreachable_endpoint() as url, pytest.raises(hub.DownloadError):
+        hub.download(hub.FLUX_DEV, dest, endpoint=url)
+    assert not dest.exists()
