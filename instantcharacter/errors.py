@@ -19,3 +19,7 @@ class DownloadError(InstantCharacterError, RuntimeError):
 
 class InputError(InstantCharacterError, ValueError):
     """A generation setting or an input image is not usable."""
+
+
+class LoraFileError(InstantCharacterError, ValueError):
+    """A style LoRA file is missing, unreadable, or not a LoRA for FLUX.1."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -19,6 +19,7 @@ import torch
 from .adapter import InstantCharacterAdapter, attach
 from .encoders import ReferenceFeatures
 from .errors import InputError, ModelFolderError
+from .lora import StyleLoras
 from .memory import Placement
 
 FLUX_COMPONENTS = ("scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "transformer", "vae")
@@ -140,6 +141,7 @@ def generate(
     single_blocks_weight: float = 1.0,
     decode: bool = True,
     step_callback: Callable[[int, int], None] | None = None,
+    loras: Sequence = (),
 ) -> GenerationResult:
     """Generate ``batch_size`` pictures of the character.
 
@@ -149,8 +151,10 @@ def generate(
     :mod:`memory`. ``step_callback(step, total)`` is called after every step;
     raising from it stops the run (that is how Cancel works). The character acts on the steps whose index i
     satisfies ``start_percent <= i / steps < end_percent``, with ``subject_scale`` times ``double_blocks_weight`` in the double-stream blocks and times
-    ``single_blocks_weight`` in the single-stream ones; the defaults are the official behaviour. Whatever happens, the transformer's attention
-    processors and the models' placement are restored before returning.
+    ``single_blocks_weight`` in the single-stream ones; the defaults are the official behaviour. Style LoRAs
+    (those a :class:`~.lora.FluxWithLoras` ``flux`` carries, then ``loras``: ``(path, strength)`` pairs) act for
+    this run only. Whatever happens, the transformer's attention
+    processors, its LoRA layers and the models' placement are restored before returning.
     """
     check_size(width, height)
     if steps < 1:
@@ -166,6 +170,7 @@ def generate(
 
     transformer, vae = flux.transformer, flux.vae
     dtype = transformer.dtype
+    styles = StyleLoras(transformer, (*getattr(flux, "loras", ()), *loras))  # reads and checks; changes nothing
     placement = Placement(flux, adapter, offload, device, budget_gb=vram_budget_gb, fp8=fp8_storage)
     device = placement.device
     scale_factor = flux.vae_scale_factor
@@ -175,6 +180,7 @@ def generate(
 
     attachment = None
     try:
+        styles.apply()  # before placement.transformer() builds the streamer: the LoRA layers travel with their blocks
         with placement.text_encoders():
             (prompt_embeds, pooled, text_ids), neg = _encode_prompts(
                 flux, prompt, negative_prompt if do_cfg else None, batch_size, device, max_sequence_length)
@@ -229,6 +235,7 @@ def generate(
         if attachment is not None:
             attachment.detach()
         placement.restore()
+        styles.remove()
 
     raw = flux._unpack_latents(latents, height, width, scale_factor)
     raw = raw / vae.config.scaling_factor + vae.config.shift_factor

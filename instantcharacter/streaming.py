@@ -86,8 +86,9 @@ class BlockStreamer:
         for block, extra, keep in zip(blocks, extras, resident):
             group = _Group([block, *extra], keep)
             for m in group.modules:
-                for p in m.parameters():
-                    stored = self._store(p.data, keep)
+                for name, p in m.named_parameters():
+                    # LoRA factors are small-valued (fp8 would flush most of them to zero) and small in bytes
+                    stored = self._store(p.data, keep, exact=".lora_" in name or name.startswith("lora_"))
                     same = stored.dtype == p.dtype and stored.device == p.device
                     group.params.append(p)
                     # Keep the original only where the stored copy could not stand in for it afterwards
@@ -104,8 +105,8 @@ class BlockStreamer:
     def _needs_cast(self) -> bool:
         return self.storage_dtype is not None and self.storage_dtype != self.compute_dtype
 
-    def _store(self, data: torch.Tensor, resident: bool) -> torch.Tensor:
-        dtype = self.storage_dtype if (self.storage_dtype is not None and data.is_floating_point()
+    def _store(self, data: torch.Tensor, resident: bool, exact: bool = False) -> torch.Tensor:
+        dtype = self.storage_dtype if (self.storage_dtype is not None and not exact and data.is_floating_point()
                                        and data.ndim >= 2) else data.dtype
         target = self.device if resident else torch.device("cpu")
         out = data.to(device=target, dtype=dtype)

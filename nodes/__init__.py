@@ -7,12 +7,13 @@ from comfy_api.latest import ComfyExtension, io
 from . import folders
 from .loaders import LoadAdapter, LoadFlux, LoadImageEncoders
 from .consistency import ConsistencyScore
+from .lora import StyleLora
 from .reference import BlendCharacters, EncodeReference
 from .sampler import Sampler
 
 folders.register()
 
-NODES = [LoadFlux, LoadImageEncoders, LoadAdapter, EncodeReference, BlendCharacters, Sampler, ConsistencyScore]
+NODES = [LoadFlux, LoadImageEncoders, LoadAdapter, EncodeReference, BlendCharacters, StyleLora, Sampler, ConsistencyScore]
 
 
 class InstantCharacterExtension(ComfyExtension):
