@@ -43,8 +43,11 @@ def host_models(tmp_path_factory):
     from instantcharacter.testing import write_tiny_models
 
     root = tmp_path_factory.mktemp("host_models")
+    from instantcharacter.testing_lora import write_tiny_lora
+
     write_tiny_models(root)
     write_full_width_flux_vae(root / "vae" / "ae.safetensors")
+    write_tiny_lora(root / "loras" / "flux_style_lora.safetensors", "kohya")
     return root
 
 
@@ -53,7 +56,8 @@ def server(host_models, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("comfyui")
     # never reach the real Hugging Face Hub from a test: a closed local port
     with ComfyServer(workdir, host_models, env={"HF_ENDPOINT": "http://127.0.0.1:9"}) as srv:
-        for name in ("reference_girl.png", "reference_girl_front.png", "reference_girl_side.png"):
+        for name in ("reference_girl.png", "reference_girl_front.png", "reference_girl_side.png",
+                     "reference_girl_wave.png"):
             shutil.copy(ASSETS / name, srv.input_dir / name)
         from PIL import Image
 

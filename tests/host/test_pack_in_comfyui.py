@@ -14,7 +14,8 @@ WORKFLOWS = Path(__file__).resolve().parents[2] / "workflows"
 PIPELINE_WORKFLOWS = ["instantcharacter_basic.json", "instantcharacter_multiview_mask.json",
                       "instantcharacter_img2img.json"]
 OUR_NODES = ["InstantCharacterLoadFlux", "InstantCharacterLoadImageEncoders", "InstantCharacterLoadAdapter",
-             "InstantCharacterEncodeReference", "InstantCharacterSampler"]
+             "InstantCharacterEncodeReference", "InstantCharacterBlendCharacters", "InstantCharacterStyleLora",
+             "InstantCharacterSampler", "InstantCharacterConsistencyScore"]
 SIZE = 64
 
 
@@ -56,8 +57,8 @@ def test_workflow_widgets_match_the_node_schemas(name, object_info):
                 choices = info["input"].get("required", {}).get(input_name) or info["input"]["optional"][input_name]
                 listed = choices[0] if isinstance(choices[0], list) else choices[1].get("options", [])
                 assert value in listed, f"{name}: {node['class_type']}.{input_name}={value!r} not in {listed}"
-    thumbnail = WORKFLOWS / name.replace(".json", ".png")
-    assert thumbnail.is_file(), f"{name} has no thumbnail {thumbnail.name}"
+    thumbnail = WORKFLOWS / name.replace(".json", ".jpg")
+    assert thumbnail.is_file(), f"{name} has no thumbnail {thumbnail.name} (the Templates browser loads .jpg)"
 
 
 def _fast(prompt, object_info):
@@ -73,7 +74,7 @@ def _fast(prompt, object_info):
 
 
 def _saved_images(server, entry):
-    files = [img for out in entry["outputs"].values() for img in out.get("images", [])]
+    files = [img for out in entry["outputs"].values() for img in out.get("images", []) if img["type"] == "output"]
     return [Image.open(server.output_dir / f["subfolder"] / f["filename"]) for f in files]
 
 
@@ -81,6 +82,7 @@ def _saved_images(server, entry):
     ("instantcharacter_basic.json", 1, (SIZE, SIZE)),
     ("instantcharacter_multiview_mask.json", 4, (SIZE, SIZE)),
     ("instantcharacter_img2img.json", 1, (128, 128)),
+    ("instantcharacter_style_lora_best_of_4.json", 1, (SIZE, SIZE)),  # the best one is saved, 4 previewed
 ])
 def test_shipped_workflow_runs(server, object_info, name, count, size):
     entry = server.run(_fast(ui_to_api(_load(name), object_info), object_info))
