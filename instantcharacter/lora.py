@@ -308,11 +308,13 @@ class StyleLoras:
         # every offload mode computes them the same way.
         for module in t.modules():
             if isinstance(module, BaseTunerLayer):
-                base = module.get_base_layer().weight
+                layer = module.get_base_layer()
+                base = layer.weight
+                dtype = getattr(layer, "compute_dtype", base.dtype)  # fp8-stored layers compute in compute_dtype
                 for table in (module.lora_A, module.lora_B):
                     for name in self.adapter_names:
                         if name in table:
-                            table[name].to(base.device, base.dtype)
+                            table[name].to(base.device, dtype)
 
     def remove(self) -> None:
         if self._saved is None:

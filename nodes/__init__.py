@@ -5,15 +5,16 @@ from typing_extensions import override
 from comfy_api.latest import ComfyExtension, io
 
 from . import folders
-from .loaders import LoadAdapter, LoadFlux, LoadImageEncoders
+from .loaders import LoadAdapter, LoadFlux, LoadFluxSingleFile, LoadImageEncoders
 from .consistency import ConsistencyScore
 from .lora import StyleLora
+from .native import ApplyToModel
 from .reference import BlendCharacters, EncodeReference
 from .sampler import Sampler
 
 folders.register()
 
-NODES = [LoadFlux, LoadImageEncoders, LoadAdapter, EncodeReference, BlendCharacters, StyleLora, Sampler, ConsistencyScore]
+NODES = [LoadFlux, LoadFluxSingleFile, LoadImageEncoders, LoadAdapter, EncodeReference, BlendCharacters, StyleLora, Sampler, ConsistencyScore, ApplyToModel]
 
 
 class InstantCharacterExtension(ComfyExtension):
