@@ -9,6 +9,7 @@ Each "group" is one FLUX block together with the character-attention layer(s) th
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -117,7 +118,7 @@ class BlockStreamer:
     def _materialize(self, group: _Group) -> None:
         """Give every parameter of ``group`` a compute-dtype copy on the device."""
         stream = self.copy_stream
-        ctx = torch.cuda.stream(stream) if stream is not None else _null()
+        ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
         with ctx:
             for p, stored in zip(group.params, group.stored):
                 on_device = stored.to(self.device, non_blocking=True) if stored.device != self.device else stored
@@ -189,10 +190,3 @@ class BlockStreamer:
             group.ready = None
         self._closed = True
 
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

@@ -49,6 +49,7 @@ class EncodeReference(io.ComfyNode):
     @classmethod
     def execute(cls, encoders, image, fit, crop_to_character, margin, weights="", mask=None) -> io.NodeOutput:
         import comfy.model_management
+        import torch
 
         from ..instantcharacter.images import LOW_RES, pil_to_tensor, prepare_reference, split_batch
 
@@ -59,10 +60,8 @@ class EncodeReference(io.ComfyNode):
             features = encoders.encode_squares(squares, parse_weights(weights, len(squares)))
         finally:
             encoders.to("cpu")
-        prepared = [pil_to_tensor(sq.resize((LOW_RES, LOW_RES))) for sq in squares]
-        import torch
-
-        return io.NodeOutput(features.to("cpu"), torch.stack(prepared))
+        prepared = torch.stack([pil_to_tensor(sq.resize((LOW_RES, LOW_RES))) for sq in squares])
+        return io.NodeOutput(features.to("cpu"), prepared)
 
 
 class BlendCharacters(io.ComfyNode):
