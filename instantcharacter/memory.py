@@ -72,6 +72,12 @@ def choose_offload(free_bytes: int, sizes: dict[str, int]) -> OffloadChoice:
     return OffloadChoice("sequential", None, f"only {free_bytes / GIB:.1f} GiB free: blocks one at a time")
 
 
+def vae_decode_bytes(latent_h: int, latent_w: int, dtype: torch.dtype) -> int:
+    """Working memory of decoding one image with the FLUX VAE. This is ComfyUI's estimate for this VAE
+    (``memory_used_decode`` in comfy/sd.py): deliberately on the safe side."""
+    return 2178 * 64 * latent_h * latent_w * torch.empty((), dtype=dtype).element_size()
+
+
 def recommend_offload(free_bytes: int | None = None) -> tuple[str, str]:
     """The offload mode for this machine and why (for ``doctor``; uses the published model sizes)."""
     if free_bytes is None:
@@ -155,6 +161,24 @@ class Placement:
 
     def vae(self):
         return self._visiting(*[m for m in (self.flux.vae,) if m is not None])
+
+    def decode_plan(self, latent_h: int, latent_w: int, dtype: torch.dtype) -> str:
+        """How the VAE decodes: ``batch`` (all images at once), ``per_image``, or ``tiled`` (per image, in
+        overlapping tiles). ``off`` is about speed; the offloading modes decode one image at a time, tiled
+        when the VAE and one image's decode would not fit the budget (always in ``sequential``)."""
+        if self.mode == "off":
+            return "batch"
+        if self.mode == "sequential":
+            return "tiled"
+        vae = self.flux.vae
+        need = (module_bytes([vae]) if vae is not None else 0) + vae_decode_bytes(latent_h, latent_w, dtype)
+        return "per_image" if need + GIB // 2 <= self.budget_gb * GIB else "tiled"
+
+    def describe(self) -> str:
+        """The mode in use, and why when ``auto`` chose it (for the log)."""
+        text = self.mode + (f" {self.budget_gb:.1f} GB" if self.mode == "budget" else "")
+        text += " + fp8 storage" if self.fp8 else ""
+        return f"{text} ({self.reason})" if self.reason else text
 
     def _groups(self):
         t = self.flux.transformer

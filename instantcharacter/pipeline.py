@@ -29,6 +29,9 @@ FLUX_COMPONENTS = ("scheduler", "text_encoder", "text_encoder_2", "tokenizer", "
 class GenerationResult:
     images: torch.Tensor  # [B, H, W, 3] float 0–1 on the CPU (ComfyUI IMAGE)
     latents: torch.Tensor  # [B, 16, H/8, W/8] float32 raw VAE space on the CPU (ComfyUI LATENT "samples")
+    offload: str = ""  # the placement used, and why when ``auto`` chose it
+    bytes_streamed: int = 0  # transformer weights copied host → device during the denoising steps
+    decode: str = ""  # how the VAE decoded: batch, per_image or tiled
 
 
 def load_flux(folder: str | os.PathLike, dtype: torch.dtype = torch.bfloat16):
@@ -239,11 +242,21 @@ def generate(
 
     raw = flux._unpack_latents(latents, height, width, scale_factor)
     raw = raw / vae.config.scaling_factor + vae.config.shift_factor
-    images = None
+    images, how = None, ""
     if decode:
+        how = placement.decode_plan(lat_h, lat_w, vae.dtype)
         with placement.vae():
-            images = decode_latents(flux, raw)
-    return GenerationResult(images=images, latents=raw.float().cpu())
+            try:
+                images = decode_latents(flux, raw, how)
+            except torch.cuda.OutOfMemoryError:
+                if how == "tiled":
+                    raise
+                torch.cuda.empty_cache()
+                how = "tiled"
+                images = decode_latents(flux, raw, how)
+    streamed = placement.streamer.bytes_moved if placement.streamer is not None else 0
+    return GenerationResult(images=images, latents=raw.float().cpu(), offload=placement.describe(),
+                            bytes_streamed=streamed, decode=how)
 
 
 def _noised_init(flux, init_latents, noise_packed, first_t, batch, lat_h, lat_w, denoise, device):
@@ -264,11 +277,37 @@ def _noised_init(flux, init_latents, noise_packed, first_t, batch, lat_h, lat_w,
     return flux.scheduler.scale_noise(packed, first_t, noise_packed)
 
 
-def decode_latents(flux, raw_latents: torch.Tensor) -> torch.Tensor:
-    """Raw VAE latents [B, 16, h, w] → images [B, H, W, 3] in 0–1."""
+DECODE_TILE_LATENT = 64  # 512-pixel tiles, overlapping by a quarter (diffusers' tiled decode)
+
+
+def decode_latents(flux, raw_latents: torch.Tensor, how: str = "batch",
+                   tile_latent: int = DECODE_TILE_LATENT) -> torch.Tensor:
+    """Raw VAE latents [B, 16, h, w] → images [B, H, W, 3] in 0–1, on the CPU.
+
+    ``how``: ``batch`` decodes all at once; ``per_image`` one image at a time (same result, less memory);
+    ``tiled`` one image at a time in overlapping tiles blended at the seams (least memory; the seams can
+    differ slightly from a whole decode)."""
+    if how not in ("batch", "per_image", "tiled"):
+        raise ValueError(f"Unknown decode mode {how!r}.")
     vae = flux.vae
     p = next(vae.parameters())
+    chunks = [raw_latents] if how == "batch" else list(raw_latents.split(1))
+    out = []
     with torch.inference_mode():
-        decoded = vae.decode(raw_latents.to(p.device, p.dtype), return_dict=False)[0]
-    return (decoded.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu()
+        for z in chunks:
+            z = z.to(p.device, p.dtype)
+            decoded = _tiled_decode(vae, z, tile_latent) if how == "tiled" else vae.decode(z, return_dict=False)[0]
+            out.append((decoded.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu())
+    return torch.cat(out)
+
+
+def _tiled_decode(vae, z: torch.Tensor, tile_latent: int) -> torch.Tensor:
+    # diffusers' tiled decode reads its tile sizes from the model: set ours for this call only
+    saved = vae.tile_latent_min_size, vae.tile_sample_min_size
+    vae.tile_latent_min_size = tile_latent
+    vae.tile_sample_min_size = tile_latent * 2 ** (len(vae.config.block_out_channels) - 1)
+    try:
+        return vae.tiled_decode(z, return_dict=False)[0]
+    finally:
+        vae.tile_latent_min_size, vae.tile_sample_min_size = saved
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from comfy_api.latest import io
 
 from ..instantcharacter.memory import OFFLOAD_MODES
@@ -124,4 +126,7 @@ class Sampler(io.ComfyNode):
                 raise
             mm.soft_empty_cache()
             raise RuntimeError(OOM_HINT) from err
+        streamed = f", {result.bytes_streamed / 2**30:.1f} GiB streamed" if result.bytes_streamed else ""
+        logging.info("InstantCharacter Sampler: offload %s%s; VAE decode %s", result.offload, streamed,
+                     result.decode or "skipped")
         return io.NodeOutput(result.images, {"samples": result.latents})

@@ -129,3 +129,46 @@ def test_cuda_streaming_overlaps_and_matches(tiny_flux, tiny_adapter, features):
     reference = _run(tiny_flux, tiny_adapter, features, offload="off", device="cuda")
     streamed = _run(tiny_flux, tiny_adapter, features, offload="budget", vram_budget_gb=3.05, device="cuda")
     torch.testing.assert_close(streamed, reference)
+
+
+def test_decode_plan_follows_the_budget(tiny_flux, tiny_adapter):
+    from instantcharacter.memory import vae_decode_bytes
+
+    one_image = vae_decode_bytes(128, 128, torch.bfloat16)  # 1024²: ComfyUI's estimate, ≈ 4.3 GiB
+    assert 4 * GIB < one_image < 5 * GIB
+    plans = {}
+    for mode, budget in (("off", None), ("sequential", None), ("budget", 16.0), ("budget", 4.0)):
+        placement = Placement(tiny_flux, tiny_adapter, mode, "cpu", budget_gb=budget)
+        plans[(mode, budget)] = placement.decode_plan(128, 128, torch.bfloat16)
+        placement.restore()
+    assert plans == {("off", None): "batch", ("sequential", None): "tiled", ("budget", 16.0): "per_image",
+                     ("budget", 4.0): "tiled"}
+
+
+def test_decode_per_image_and_tiled_match_batch(tiny_flux):
+    from instantcharacter.pipeline import decode_latents
+
+    vae = tiny_flux.vae
+    z = torch.randn(2, 16, 32, 24, generator=torch.Generator().manual_seed(5))
+    whole = decode_latents(tiny_flux, z, "batch")
+    assert whole.shape == (2, 256, 192, 3)
+    torch.testing.assert_close(decode_latents(tiny_flux, z, "per_image"), whole, atol=1e-4, rtol=0)  # conv kernels differ by batch
+    saved = (vae.tile_latent_min_size, vae.tile_sample_min_size)
+    tiled = decode_latents(tiny_flux, z, "tiled", tile_latent=16)  # 3 × 2 overlapping tiles per image
+    assert (vae.tile_latent_min_size, vae.tile_sample_min_size) == saved
+    assert tiled.shape == whole.shape
+    # same picture; the tiles see less context near the seams, so pixels there differ a little
+    assert (tiled - whole).abs().mean() < 0.02 and not torch.equal(tiled, whole)
+    with pytest.raises(ValueError):
+        decode_latents(tiny_flux, z, "bogus")
+
+
+def test_generation_reports_its_placement(tiny_flux, tiny_adapter, features):
+    out = generate(tiny_flux, tiny_adapter, features, "a girl", width=64, height=64, steps=2, seed=3,
+                   max_sequence_length=32, offload="sequential")
+    assert out.offload == "sequential" and out.decode == "tiled" and out.bytes_streamed == 0  # CPU: nothing moves
+    off = generate(tiny_flux, tiny_adapter, features, "a girl", width=64, height=64, steps=2, seed=3,
+                   max_sequence_length=32, offload="auto")
+    assert off.offload.startswith("off (not a CUDA device") and off.decode == "batch"
+    # one 64² image fits in one tile: the tiled decode is the plain one
+    torch.testing.assert_close(out.images, off.images, atol=1e-5, rtol=0)
