@@ -4,7 +4,8 @@ Modes (the sampler's ``offload`` setting):
 
 * ``off`` — every model stays on the compute device (fastest; needs the most VRAM).
 * ``budget`` — the placement follows the work: text encoders, projector and VAE come to the device only
-  for their phase; of the transformer, as many blocks (each with its character-attention layer) stay
+  for their phase (T5's blocks stream when T5 does not fit the budget; the VAE decodes one image at a time,
+  tiled when one decode would not fit); of the transformer, as many blocks (each with its character-attention layer) stay
   resident as the VRAM budget allows, and the rest stream from pinned host memory one block ahead of use
   on a side CUDA stream (see :mod:`streaming`).
 * ``sequential`` — the slow floor: every block comes to the device only while it runs, no prefetch.
@@ -29,6 +30,8 @@ GIB = 2**30
 # Working memory kept free for activations, attention and the allocator at 1024² (an estimate; the
 # benchmark script measures the real peak).
 ACTIVATION_RESERVE_GB = 3.0
+# T5's working memory for one 512-token prompt is tens of MB; this leaves room for the allocator too.
+TEXT_MARGIN_GB = 0.5
 
 
 def default_device() -> torch.device:
@@ -64,7 +67,8 @@ def choose_offload(free_bytes: int, sizes: dict[str, int]) -> OffloadChoice:
     everything = sum(sizes.values()) + reserve
     if free_bytes >= everything:
         return OffloadChoice("off", None, f"{free_bytes / GIB:.1f} GiB free ≥ {everything / GIB:.1f} GiB for all models")
-    phase_peak = max(sizes["text_encoders"], sizes["vae"], sizes["projector"])
+    # T5 streams its blocks and the VAE decodes in tiles when they do not fit; the projector visits whole
+    phase_peak = max(sizes["vae"], sizes["projector"])
     if free_bytes >= max(phase_peak, sizes["transformer_rest"]) + reserve + GIB:
         budget = (free_bytes - 0.5 * GIB) / GIB
         return OffloadChoice("budget", budget, f"{free_bytes / GIB:.1f} GiB free: budget {budget:.1f} GiB, the "
@@ -153,8 +157,35 @@ class Placement:
             for m in modules:
                 m.to(self.offload_device)
 
+    @contextlib.contextmanager
     def text_encoders(self):
-        return self._visiting(*[m for m in (self.flux.text_encoder, self.flux.text_encoder_2) if m is not None])
+        """CLIP and T5 for the prompt encoding. T5-XXL alone is 9.5 GB in bf16, more than small budgets hold:
+        then its blocks stream like the transformer's (in ``sequential`` always, one at a time)."""
+        t5 = self.flux.text_encoder_2
+        encoders = [m for m in (self.flux.text_encoder, t5) if m is not None]
+        blocks = list(getattr(getattr(t5, "encoder", None), "block", None) or [])
+        fits = self.mode == "budget" and module_bytes(encoders) + TEXT_MARGIN_GB * GIB <= self.budget_gb * GIB
+        if self.mode == "off" or not blocks or fits:
+            with self._visiting(*encoders):
+                yield
+            return
+        rest = [m for m in encoders if m is not t5] + list(_leaves_outside(t5, set(map(id, blocks))))
+        for m in rest:
+            m.to(self.device)
+        if self.mode == "budget":
+            available = self.budget_gb * GIB - module_bytes(rest) - TEXT_MARGIN_GB * GIB
+            resident = self._plan([module_bytes([b]) for b in blocks], available)
+        else:
+            resident = [False] * len(blocks)
+        # compute_dtype None: T5 keeps its own dtypes (fp32 feed-forward outputs in fp16, fp8 file weights)
+        streamer = BlockStreamer(blocks, [[] for _ in blocks], self.device, resident, compute_dtype=None,
+                                 prefetch=self.mode != "sequential", repeats=False)
+        try:
+            yield
+        finally:
+            streamer.close()
+            for m in encoders:
+                m.to(self.offload_device)
 
     def projector(self):
         return self._visiting(self.adapter.image_proj)
@@ -198,12 +229,14 @@ class Placement:
         rest = module_bytes([m for n, m in self.flux.transformer.named_children()
                              if n not in ("transformer_blocks", "single_transformer_blocks")])
         available = self.budget_gb * GIB - rest - ACTIVATION_RESERVE_GB * GIB
-        sizes = [module_bytes([b, *e], store) for b, e in zip(blocks, extras)]
-        # two streamed blocks can be on the device at once (the running one and the prefetched one)
-        largest = max(sizes)
+        return self._plan([module_bytes([b, *e], store) for b, e in zip(blocks, extras)], available)
+
+    @staticmethod
+    def _plan(sizes: list[int], available: float) -> list[bool]:
         resident = plan_residency(sizes, available)
         if not all(resident):
-            resident = plan_residency(sizes, available - 2 * largest)
+            # two streamed blocks can be on the device at once (the running one and the prefetched one)
+            resident = plan_residency(sizes, available - 2 * max(sizes))
         return resident
 
     @contextlib.contextmanager

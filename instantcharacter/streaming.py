@@ -72,13 +72,16 @@ class BlockStreamer:
     """Installs hooks on ``blocks`` (each with its extra modules) and undoes everything on ``close()``."""
 
     def __init__(self, blocks: list[nn.Module], extras: list[list[nn.Module]], device: torch.device,
-                 resident: list[bool], compute_dtype: torch.dtype, storage_dtype: torch.dtype | None = None,
-                 prefetch: bool = True):
+                 resident: list[bool], compute_dtype: torch.dtype | None, storage_dtype: torch.dtype | None = None,
+                 prefetch: bool = True, repeats: bool = True):
+        """``compute_dtype`` None: every weight keeps the dtype it is stored in. ``repeats``: the blocks run
+        again after the last one (denoising steps), so the first streamed block is prefetched then."""
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.compute_dtype = compute_dtype
         self.storage_dtype = storage_dtype
         self.prefetch = prefetch and self.cuda
+        self.repeats = repeats
         self.copy_stream = torch.cuda.Stream(self.device) if self.prefetch else None
         self.bytes_moved = 0
         self.groups: list[_Group] = []
@@ -125,7 +128,7 @@ class BlockStreamer:
                 if not stored.device == self.device:
                     self.bytes_moved += stored.numel() * stored.element_size()
                 want = self.compute_dtype if p.is_floating_point() or stored.is_floating_point() else stored.dtype
-                if on_device.is_floating_point() and on_device.dtype != want and stored.ndim >= 2:
+                if want is not None and on_device.is_floating_point() and on_device.dtype != want and stored.ndim >= 2:
                     on_device = on_device.to(want)
                 p.data = on_device
             if stream is not None:
@@ -165,7 +168,7 @@ class BlockStreamer:
             group = self.groups[i]
             if (not group.resident) or self._needs_cast:
                 self._release(group)
-            if self.prefetch and i == len(self.groups) - 1:
+            if self.prefetch and self.repeats and i == len(self.groups) - 1:
                 first = self._next_streamed(-1)  # the next step starts with it
                 if first is not None and self.groups[first].ready is None:
                     self._materialize(self.groups[first])

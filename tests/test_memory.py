@@ -172,3 +172,38 @@ def test_generation_reports_its_placement(tiny_flux, tiny_adapter, features):
     assert off.offload.startswith("off (not a CUDA device") and off.decode == "batch"
     # one 64² image fits in one tile: the tiled decode is the plain one
     torch.testing.assert_close(out.images, off.images, atol=1e-5, rtol=0)
+
+
+def test_t5_streams_when_it_does_not_fit_and_gives_the_same_embeddings(tiny_flux, tiny_adapter):
+    from instantcharacter.pipeline import _encode_prompts
+
+    t5 = tiny_flux.text_encoder_2
+    reference = _encode_prompts(tiny_flux, "a girl in a red coat", None, 1, "cpu", 32)[0]
+    snapshot = [(p, p.data_ptr(), p.data.clone()) for p in t5.parameters()]
+    seen = []
+    probe = t5.encoder.block[1].register_forward_pre_hook(lambda m, a: seen.append(len(m._forward_pre_hooks)))
+    try:
+        # a budget below T5's size: the blocks get streaming hooks (the probe sees ours too)
+        for mode, budget in (("budget", 0.01), ("sequential", None)):
+            placement = Placement(tiny_flux, tiny_adapter, mode, "cpu", budget_gb=budget)
+            with placement.text_encoders():
+                got = _encode_prompts(tiny_flux, "a girl in a red coat", None, 1, "cpu", 32)[0]
+            placement.restore()
+            for a, b in zip(got, reference):
+                assert torch.equal(a, b)
+        big = Placement(tiny_flux, tiny_adapter, "budget", "cpu", budget_gb=40.0)  # fits: T5 visits whole
+        with big.text_encoders():
+            _encode_prompts(tiny_flux, "a girl", None, 1, "cpu", 32)
+    finally:
+        probe.remove()
+    assert seen == [2, 2, 1]
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in t5.modules())
+    assert all(p.data_ptr() == ptr and torch.equal(p.data, copy) for p, ptr, copy in snapshot)
+
+
+def test_auto_no_longer_needs_room_for_t5():
+    sizes = {"blocks": 26 * GIB, "transformer_rest": GIB // 5, "text_encoders": 10 * GIB, "vae": GIB // 6,
+             "projector": 3 * GIB}
+    # an 8 GB card: T5 (10 GB) would not fit whole, but it streams, so a budget is still possible
+    choice = choose_offload(8 * GIB, sizes)
+    assert choice.mode == "budget" and 7 <= choice.budget_gb < 8
