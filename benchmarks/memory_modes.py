@@ -1,67 +1,170 @@
-"""Peak VRAM and step time of each offload mode, on the full-size architecture with random weights.
+"""Peak VRAM and step time of each offload mode: whole generations on the full-size architecture.
 
-    python benchmarks/memory_modes.py              # FLUX.1-dev + adapter at 1024², on the GPU
-    python benchmarks/memory_modes.py --small      # a scaled-down config on the CPU, in seconds (CI smoke check)
+    python benchmarks/memory_modes.py                 # full size at 1024², 28 steps, on the GPU
+    python benchmarks/memory_modes.py --modes resident,stream-fp8 --steps 10
+    python benchmarks/memory_modes.py --small         # tiny widths on the CPU, in seconds (CI smoke check)
 
-Nothing is downloaded: the FLUX.1-dev transformer and the InstantCharacter adapter are built at their
-published sizes with random weights. The text encoders, image encoders and VAE run once per image and
-leave the GPU in every mode but ``off``; this script times the denoising steps, where the modes differ.
-It first measures pinned host→device bandwidth, then for each mode: peak VRAM (allocated / reserved),
-seconds per step, the ratio to the all-resident step, and the transfer rate achieved while streaming.
-Prints a markdown table.
+Nothing is downloaded. Every model is built at its published size with random weights (FLUX.1-dev
+transformer, CLIP-L, T5-XXL, the FLUX VAE, SigLIP so400m, DINOv2-giant, the InstantCharacter adapter),
+initialised on the GPU (fast) and kept in host memory, as the model cache keeps them. Each row is one
+``pipeline.generate`` call, as the sampler makes it (prompt encoding, character tokens, the denoising steps,
+VAE decode), starting with every model on the host; the Encode Reference row is the node's own device round
+trip. The script first measures pinned host→device bandwidth, then prints a markdown table row by row.
+
+Peak VRAM is PyTorch's (allocated / reserved) over the whole call; the CUDA context (~0.5 GB) comes on top.
+s/step is the mean of the steps after the first. "transfer" is the transformer weights streamed per second
+of denoising. The goals are DESIGN §6's; the last column says whether this run met them.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from instantcharacter.adapter import InstantCharacterAdapter, attach  # noqa: E402
-from instantcharacter.memory import Placement  # noqa: E402
-from instantcharacter.projector import PUBLISHED_PROJECTOR, ProjectorConfig  # noqa: E402
-
 GIB = 2**30
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+
+# facebook/dinov2-giant's config (not shipped by the pack: the encoders load from their folders)
+DINOV2_GIANT = dict(hidden_size=1536, num_hidden_layers=40, num_attention_heads=24, mlp_ratio=4, patch_size=14,
+                    image_size=518, use_swiglu_ffn=True, layerscale_value=1.0)
 
 
-def build(small: bool, dtype: torch.dtype):
-    from diffusers import FluxTransformer2DModel
+@dataclass
+class Mode:
+    key: str
+    label: str
+    offload: str
+    budget_gb: float | None = None
+    fp8: bool = False
+    character: bool = True
 
+
+def modes(small: bool, sizes: dict[str, int], largest_group: int) -> list[Mode]:
+    """The rows. At full size the budgets are the goal table's; the scaled-down run picks budgets that keep
+    some of its five tiny blocks resident (room for 30 % and 15 % of the block bytes, on top of the reserve
+    and of room for two streamed blocks in flight)."""
+    from instantcharacter.memory import ACTIVATION_RESERVE_GB
+
+    base = ACTIVATION_RESERVE_GB + (sizes["transformer_rest"] + 2 * largest_group) / GIB
+    blocks = sizes["blocks"] / GIB
+    b24, b16 = (24.0, 16.0) if not small else (base + 0.3 * blocks, base + 0.15 * blocks)
+    resident = 40.0 if not small else base + 2 * blocks
+    stream = 4.0 if not small else ACTIVATION_RESERVE_GB + 0.001
+    return [
+        Mode("plain", "plain FLUX, no character (off)", "off", character=False),
+        Mode("off", "off: every model resident", "off"),
+        Mode("resident", f"budget {resident:.4g}: all blocks resident, encoders visit", "budget", resident),
+        Mode("budget24", f"budget {b24:.4g}", "budget", b24),
+        Mode("budget16", f"budget {b16:.4g}", "budget", b16),
+        Mode("stream", f"budget {stream:.4g}: every block streamed, bf16", "budget", stream),
+        Mode("stream-fp8", f"budget {stream:.4g}: every block streamed, fp8 storage", "budget", stream, fp8=True),
+        Mode("sequential", "sequential (no prefetch)", "sequential"),
+    ]
+
+
+def configs(small: bool) -> dict:
+    from instantcharacter.projector import PUBLISHED_PROJECTOR
+    from instantcharacter.single_file import shipped_config
+
+    if not small:
+        strip = lambda c: {k: v for k, v in c.items() if not k.startswith("_")}  # noqa: E731
+        siglip = shipped_config("siglip_so400m_patch14_384_vision.json")
+        for key in ("image_mean", "image_std"):
+            siglip.pop(key, None)
+        return dict(transformer=strip(shipped_config("flux1_dev_transformer.json")),
+                    clip=shipped_config("clip_l_text.json"), t5=shipped_config("t5_xxl_encoder.json"),
+                    vae=strip(shipped_config("flux_vae.json")), siglip=siglip, dino=DINOV2_GIANT,
+                    projector=PUBLISHED_PROJECTOR, text_len=512)
+    from instantcharacter import testing as t
+
+    return dict(
+        transformer=dict(patch_size=1, in_channels=64, num_layers=t.FLUX_TINY_DOUBLE,
+                         num_single_layers=t.FLUX_TINY_SINGLE, attention_head_dim=t.FLUX_HEAD_DIM,
+                         num_attention_heads=t.FLUX_TINY_HEADS, joint_attention_dim=t.T5_TINY_DIM,
+                         pooled_projection_dim=t.CLIP_TINY_DIM, guidance_embeds=True, axes_dims_rope=(16, 56, 56)),
+        clip=dict(hidden_size=t.CLIP_TINY_DIM, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  max_position_embeddings=77, projection_dim=t.CLIP_TINY_DIM),
+        t5=dict(d_model=t.T5_TINY_DIM, d_kv=16, d_ff=64, num_layers=2, num_heads=2, relative_attention_num_buckets=8,
+                feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False),
+        vae=dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 16, 16, 16),
+                 down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                 layers_per_block=1, norm_num_groups=4, sample_size=1024, scaling_factor=0.3611,
+                 shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False),
+        siglip=dict(hidden_size=t.SIGLIP_TINY_WIDTH, intermediate_size=96, num_hidden_layers=27,
+                    num_attention_heads=2, image_size=384, patch_size=14),
+        dino=dict(DINOV2_GIANT, hidden_size=t.DINO_TINY_WIDTH, num_attention_heads=2, mlp_ratio=2),
+        projector=t.tiny_adapter_config(), text_len=32)
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype):
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(saved)
+
+
+def _random(factory, init_device, dtype):
+    """Build with the library's own random init on ``init_device`` (on a GPU: seconds for billions of
+    weights), then keep it in host memory."""
+    with _default_dtype(dtype), torch.device(init_device):
+        model = factory()
+    return model.to("cpu").eval().requires_grad_(False)
+
+
+def build(small: bool, init_device, dtype, workdir: Path):
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTokenizer, Dinov2Config, Dinov2Model,
+                              SiglipVisionConfig, SiglipVisionModel, T5Config, T5EncoderModel, T5TokenizerFast)
+
+    from instantcharacter.adapter import InstantCharacterAdapter
+    from instantcharacter.encoders import DINO_DEFAULT_NORM, SIGLIP_DEFAULT_NORM, ReferenceEncoders
+    from instantcharacter.single_file import shipped_config
+    from instantcharacter.testing import write_clip_tokenizer, write_t5_tokenizer
+
+    cfg = configs(small)
+    # The prompt's token ids only need to lie inside the vocabularies: tokenizers built offline will do.
+    clip_vocab = write_clip_tokenizer(workdir / "tokenizer")
+    t5_vocab = write_t5_tokenizer(workdir / "tokenizer_2")
+    clip_cfg = dict(cfg["clip"])
     if small:
-        t_cfg = dict(num_layers=2, num_single_layers=4, attention_head_dim=128, num_attention_heads=2,
-                     joint_attention_dim=64, pooled_projection_dim=32, guidance_embeds=True)
-        p_cfg = ProjectorConfig(feature_dim=128, num_blocks=1, ff_inner_dim=256, mlp_hidden_dim=256,
-                                resampler_dim=128, resampler_depth=1, resampler_ff_dim=256, num_queries=32,
-                                token_dim=64)
-    else:
-        t_cfg = dict(guidance_embeds=True)  # diffusers' defaults are FLUX.1-dev's sizes
-        p_cfg = PUBLISHED_PROJECTOR
-    with torch.device("meta"):
-        transformer = FluxTransformer2DModel(**t_cfg)
-        adapter = InstantCharacterAdapter(p_cfg, t_cfg.get("num_layers", 19) + t_cfg.get("num_single_layers", 38),
-                                          transformer.inner_dim)
-    g = torch.Generator().manual_seed(0)
-    for module in (transformer, adapter):
-        module.to_empty(device="cpu")
-        with torch.no_grad():
-            for p in module.parameters():
-                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32) * 0.02 if p.ndim > 1 else
-                        torch.ones(p.shape))
-        module.to(dtype).eval().requires_grad_(False)
-    flux = SimpleNamespace(transformer=transformer, text_encoder=None, text_encoder_2=None, vae=None)
-    return flux, adapter
+        clip_cfg.update(vocab_size=clip_vocab, bos_token_id=clip_vocab - 2, eos_token_id=clip_vocab - 1,
+                        pad_token_id=clip_vocab - 1)
+    t5_cfg = dict(cfg["t5"], **({"vocab_size": t5_vocab} if small else {}))
+    make = lambda f: _random(f, init_device, dtype)  # noqa: E731
+    transformer = make(lambda: FluxTransformer2DModel(**cfg["transformer"]))
+    flux = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(shipped_config("flux1_dev_scheduler.json")),
+        vae=make(lambda: AutoencoderKL(**cfg["vae"])),
+        text_encoder=make(lambda: CLIPTextModel(CLIPTextConfig(**clip_cfg))),
+        tokenizer=CLIPTokenizer.from_pretrained(workdir / "tokenizer"),
+        text_encoder_2=make(lambda: T5EncoderModel(T5Config(**t5_cfg))),
+        tokenizer_2=T5TokenizerFast.from_pretrained(workdir / "tokenizer_2"),
+        transformer=transformer)
+    n_layers = len(transformer.transformer_blocks) + len(transformer.single_transformer_blocks)
+    adapter = make(lambda: InstantCharacterAdapter(cfg["projector"], n_layers, transformer.inner_dim))
+    norm = lambda pair: tuple(torch.tensor(v).view(1, 3, 1, 1) for v in pair)  # noqa: E731
+    encoders = ReferenceEncoders(make(lambda: SiglipVisionModel(SiglipVisionConfig(**cfg["siglip"]))),
+                                 make(lambda: Dinov2Model(Dinov2Config(**cfg["dino"]))),
+                                 norm(SIGLIP_DEFAULT_NORM), norm(DINO_DEFAULT_NORM))
+    return flux, adapter, encoders, cfg["text_len"]
 
 
 def bandwidth(device) -> float | None:
     if device.type != "cuda":
         return None
-    host = torch.empty(1 * GIB, dtype=torch.uint8).pin_memory()
+    host = torch.empty(GIB, dtype=torch.uint8).pin_memory()
     dev = torch.empty_like(host, device=device)
     dev.copy_(host, non_blocking=True)
     torch.cuda.synchronize()
@@ -72,97 +175,164 @@ def bandwidth(device) -> float | None:
     return 5 * GIB / (time.perf_counter() - start)
 
 
-def run_mode(flux, adapter, device, mode, budget, fp8, size, steps, with_adapter=True):
-    t = flux.transformer
-    cfg = t.config
-    side = size // 16
-    batch, text_len = 1, 512 if size >= 512 else 32
-    g = torch.Generator().manual_seed(1)
-    dtype = t.dtype
-    latents = torch.randn(batch, side * side, cfg.in_channels, generator=g).to(device, dtype)
-    embeds = torch.randn(batch, text_len, cfg.joint_attention_dim, generator=g).to(device, dtype)
-    pooled = torch.randn(batch, cfg.pooled_projection_dim, generator=g).to(device, dtype)
-    ids = torch.zeros(side * side, 3)
-    ids[:, 1], ids[:, 2] = torch.arange(side * side) // side, torch.arange(side * side) % side
-    ids, txt_ids = ids.to(device), torch.zeros(text_len, 3, device=device)
-    tokens = torch.randn(1, adapter.image_proj.config.num_queries, adapter.image_proj.config.token_dim,
-                         generator=g).to(device, dtype)
-    if device.type == "cuda":
+class Meter:
+    """Peak VRAM of a call, step times from the sampler's step callback."""
+
+    def __init__(self, device):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.stamps: list[float] = []
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.start = time.perf_counter()
+        return self
+
+    def step(self, step, total):
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.stamps.append(time.perf_counter())
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.seconds = time.perf_counter() - self.start
+        self.peak = ((torch.cuda.max_memory_allocated(self.device) / GIB,
+                      torch.cuda.max_memory_reserved(self.device) / GIB) if self.cuda else (None, None))
+
+    @property
+    def step_seconds(self) -> float | None:
+        gaps = [b - a for a, b in zip(self.stamps, self.stamps[1:])]  # the first step warms up
+        return sum(gaps) / len(gaps) if gaps else None
+
+
+def all_to_host(*modules):
+    for m in modules:
+        m.to("cpu")
+    if torch.cuda.is_available():
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-    placement = Placement(flux, adapter if with_adapter else None, mode, device, budget_gb=budget, fp8=fp8)
-    attachment = None
-    times = []
-    try:
-        if with_adapter:
-            attachment = attach(t, adapter)
-            attachment.context.tokens, attachment.context.scale = tokens, 0.9
-            attachment.context.image_seq_len = side * side
-        with placement.transformer(), torch.inference_mode():
-            for i in range(steps + 1):  # the first step warms up
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                t(hidden_states=latents, timestep=torch.full([batch], 0.5, device=device, dtype=dtype),
-                  guidance=torch.full([batch], 3.5, device=device), pooled_projections=pooled,
-                  encoder_hidden_states=embeds, txt_ids=txt_ids, img_ids=ids, return_dict=False)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                if i:
-                    times.append(time.perf_counter() - start)
-            moved = placement.streamer.bytes_moved if placement.streamer else 0
-    finally:
-        if attachment:
-            attachment.detach()
-        placement.restore()
-    step = sum(times) / len(times)
-    peak = (torch.cuda.max_memory_allocated(device) / GIB, torch.cuda.max_memory_reserved(device) / GIB) \
-        if device.type == "cuda" else (None, None)
-    rate = moved / (steps + 1) / step if moved else None
-    return step, peak, rate
+
+
+def encode_reference(encoders, device):
+    """What the Encode Reference node does: encoders to the device, encode, back to the host."""
+    from PIL import Image
+
+    with Meter(device) as meter:
+        encoders.to(device)
+        try:
+            features = encoders.encode([Image.open(ASSETS / "reference_girl.png")])
+        finally:
+            encoders.to("cpu")
+    return features.to("cpu"), meter
+
+
+def run(flux, adapter, features, mode: Mode, device, size, steps, text_len):
+    from instantcharacter.pipeline import generate
+
+    all_to_host(flux.transformer, flux.text_encoder, flux.text_encoder_2, flux.vae, adapter)  # "off" leaves them
+    with Meter(device) as meter:
+        result = generate(flux, adapter if mode.character else None, features if mode.character else None,
+                          "a girl reading a book in a library, warm light", width=size, height=size, steps=steps,
+                          seed=0, offload=mode.offload, vram_budget_gb=mode.budget_gb, fp8_storage=mode.fp8,
+                          device=device, max_sequence_length=text_len, step_callback=meter.step)
+    return result, meter
+
+
+def goal(key: str, peak: float | None, step: float | None, rate: float | None, bw: float | None,
+         plain: float | None, resident: float | None) -> str:
+    """DESIGN §6's goal for the row, and whether this run met it (full size on a GPU only)."""
+    def check(ok, text):
+        return text if ok is None else f"{'✅' if ok else '❌'} {text}"
+
+    both = lambda *c: None if any(x is None for x in c) else all(c)  # noqa: E731
+    if key == "resident":
+        return check(both(peak is not None and peak <= 32, plain and step and step <= 1.10 * plain),
+                     "≤ 32 GB, ≤ 1.10 × plain")
+    if key == "budget24":
+        return check(both(peak is not None and peak <= 22, resident and step and step <= 1.10 * resident),
+                     "≤ 22 GB, ≤ 1.10 × resident")
+    if key == "budget16":
+        return check(both(peak is not None and peak <= 15, resident and step and step <= 1.25 * resident),
+                     "≤ 15 GB, ≤ 1.25 × resident")
+    if key == "stream":
+        return check(both(peak is not None and peak <= 6, bw and rate and rate >= 0.85 * bw),
+                     "≤ 6 GB, ≥ 85 % of bandwidth")
+    if key == "stream-fp8":
+        return check(both(peak is not None and peak <= 6, step is not None and step <= 0.30),
+                     "≤ 6 GB, ≤ 0.30 s/step (H100)")
+    return ""
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--small", action="store_true", help="scaled-down config on the CPU (smoke check)")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per mode (default 5, --small 2)")
+    parser.add_argument("--small", action="store_true", help="tiny widths on the CPU (smoke check)")
+    parser.add_argument("--steps", type=int, default=None, help="steps per generation (default 28, --small 3)")
     parser.add_argument("--size", type=int, default=None, help="image side in pixels (default 1024, --small 128)")
+    parser.add_argument("--modes", default="all", help="comma-separated row keys: plain, off, resident, budget24, "
+                                                      "budget16, stream, stream-fp8, sequential (default all)")
     args = parser.parse_args(argv)
     device = torch.device("cpu" if args.small or not torch.cuda.is_available() else "cuda")
     if not args.small and device.type != "cuda":
         print("No CUDA GPU: run with --small for the CPU smoke check.")
         return 2
-    steps = args.steps or (2 if args.small else 5)
+    steps = args.steps or (3 if args.small else 28)
+    if steps < 2:
+        parser.error("--steps must be at least 2 (the first step is not timed)")
     size = args.size or (128 if args.small else 1024)
     dtype = torch.float32 if args.small else torch.bfloat16
-    flux, adapter = build(args.small, dtype)
+
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        flux, adapter, encoders, text_len = build(args.small, device, dtype, Path(tmp))
+    from instantcharacter.memory import model_sizes
+    from instantcharacter.streaming import module_bytes
+
+    sizes = model_sizes(flux, adapter)
+    t = flux.transformer
+    largest = max(module_bytes([b, layer]) for b, layer in
+                  zip([*t.transformer_blocks, *t.single_transformer_blocks], adapter.ip_adapter))
+    rows = modes(args.small, sizes, largest)
+    if args.modes != "all":
+        wanted = [k.strip() for k in args.modes.split(",") if k.strip()]
+        unknown = set(wanted) - {m.key for m in rows}
+        if unknown:
+            parser.error(f"unknown mode(s) {', '.join(sorted(unknown))}; choose from {', '.join(m.key for m in rows)}")
+        rows = [m for m in rows if m.key in wanted]
     bw = bandwidth(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"device: {name}; pinned host→device: {f'{bw / 1e9:.1f} GB/s' if bw else 'n/a (no CUDA)'}; "
-          f"{size}², {steps} timed steps per mode, {'scaled-down' if args.small else 'full-size'} random weights")
-    total = sum(p.numel() * p.element_size() for m in (flux.transformer, adapter) for p in m.parameters())
-    small_budgets = [total / GIB * 0.6 + 3.0, total / GIB * 0.3 + 3.0]
-    modes = [("plain FLUX (no adapter), resident", "off", None, False, False),
-             ("resident", "off", None, False, True),
-             ("budget 24 GB" if not args.small else f"budget {small_budgets[0]:.2f} GB", "budget",
-              24.0 if not args.small else small_budgets[0], False, True),
-             ("budget 16 GB" if not args.small else f"budget {small_budgets[1]:.2f} GB", "budget",
-              16.0 if not args.small else small_budgets[1], False, True),
-             ("full streaming bf16", "budget", 0.0 + 3.0 + 0.01, False, True),
-             ("full streaming fp8 storage", "budget", 0.0 + 3.0 + 0.01, True, True),
-             ("sequential (no prefetch)", "sequential", None, False, True)]
-    print("\n| mode | peak alloc GB | peak reserved GB | s/step | × resident | transfer GB/s | % of bandwidth |")
-    print("|---|---|---|---|---|---|---|")
-    resident_step = None
-    for label, mode, budget, fp8, with_adapter in modes:
-        step, (alloc, reserved), rate = run_mode(flux, adapter, device, mode, budget, fp8, size, steps, with_adapter)
-        if label == "resident":
-            resident_step = step
-        ratio = f"{step / resident_step:.2f}" if resident_step else "—"
-        fmt = lambda v: f"{v:.2f}" if v is not None else "n/a"  # noqa: E731
+    gb = lambda n: f"{n / GIB:.2f}"  # noqa: E731
+    print(f"device: {name}; torch {torch.__version__}; pinned host→device: "
+          f"{f'{bw / 1e9:.1f} GB/s' if bw else 'n/a (no CUDA)'}; {size}², {steps} steps; "
+          f"{'tiny' if args.small else 'full-size'} random weights (built in {time.perf_counter() - started:.0f} s): "
+          f"transformer blocks + character layers {gb(sizes['blocks'])} GiB, text encoders {gb(sizes['text_encoders'])}, "
+          f"projector {gb(sizes['projector'])}, VAE {gb(sizes['vae'])}", flush=True)
+
+    features, enc = encode_reference(encoders, device)
+    fmt = lambda v, spec=".2f": format(v, spec) if v is not None else "n/a"  # noqa: E731
+    print(f"Encode Reference (SigLIP + DINOv2 visit the device): peak alloc {fmt(enc.peak[0])} GiB, "
+          f"reserved {fmt(enc.peak[1])} GiB, {enc.seconds:.2f} s\n", flush=True)
+    print("| mode | placement | peak alloc GiB | peak reserved GiB | s/step | × plain | × resident | whole call s | "
+          "transfer GB/s | % of bandwidth | VAE decode | goal (DESIGN §6) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    plain = resident = None
+    for mode in rows:
+        result, meter = run(flux, adapter, features, mode, device, size, steps, text_len)
+        step = meter.step_seconds
+        if mode.key == "plain":
+            plain = step
+        if mode.key == "resident":
+            resident = step
+        rate = result.bytes_streamed / steps / step if result.bytes_streamed and step else None
         pct = f"{100 * rate / bw:.0f}" if rate and bw else "n/a"
-        print(f"| {label} | {fmt(alloc)} | {fmt(reserved)} | {step:.3f} | {ratio} | "
-              f"{fmt(rate / 1e9 if rate else None)} | {pct} |", flush=True)
+        verdict = goal(mode.key, meter.peak[0], step, rate, bw, plain, resident) if not args.small else "(tiny run)"
+        print(f"| {mode.label} | {result.offload} | {fmt(meter.peak[0])} | {fmt(meter.peak[1])} | {fmt(step, '.3f')} | "
+              f"{fmt(step / plain if plain and step else None)} | "
+              f"{fmt(step / resident if resident and step else None)} | {meter.seconds:.1f} | "
+              f"{fmt(rate / 1e9 if rate else None)} | {pct} | {result.decode} | {verdict} |", flush=True)
+    print(f"\ntotal {time.perf_counter() - started:.0f} s")
     return 0
 
 

@@ -207,7 +207,10 @@ class Placement:
 
     def describe(self) -> str:
         """The mode in use, and why when ``auto`` chose it (for the log)."""
-        text = self.mode + (f" {self.budget_gb:.1f} GB" if self.mode == "budget" else "")
+        text = self.mode
+        if self.mode == "budget":
+            resident = self.residency()
+            text += f" {self.budget_gb:.1f} GB, {sum(resident)}/{len(resident)} blocks resident"
         text += " + fp8 storage" if self.fp8 else ""
         return f"{text} ({self.reason})" if self.reason else text
 

@@ -28,32 +28,28 @@ def module_bytes(modules, dtype: torch.dtype | None = None) -> int:
 
 
 def plan_residency(group_bytes: list[int], budget_bytes: float) -> list[bool]:
-    """Which groups stay on the GPU: as many as fit the budget, spread evenly through the sequence so that
-    each streamed block's copy can overlap the compute of the resident blocks before it."""
+    """Which groups stay on the GPU: as many as the budget holds, with the streamed ones spread evenly through
+    the sequence, so that each streamed block's copy overlaps the compute of the resident blocks before it.
+    FLUX's blocks differ in size (a double block is about twice a single one), so the count alone does not
+    decide: the resident bytes must fit."""
     n = len(group_bytes)
-    order = sorted(range(n), key=lambda i: group_bytes[i])
-    fit, used = 0, 0.0
-    for i in order:
-        if used + group_bytes[i] > budget_bytes:
-            break
-        used += group_bytes[i]
-        fit += 1
-    if fit >= n:
+    if sum(group_bytes) <= budget_bytes:
         return [True] * n
-    if fit == 0:
-        return [False] * n
-    streamed = n - fit
-    # streamed positions evenly spaced (Bresenham), the rest resident
+    for streamed in range(1, n):
+        resident = _spread_out(n, streamed)
+        if sum(b for b, keep in zip(group_bytes, resident) if keep) <= budget_bytes:
+            return resident
+    return [False] * n
+
+
+def _spread_out(n: int, streamed: int) -> list[bool]:
+    """Residency with ``streamed`` of ``n`` positions streamed, evenly spaced (Bresenham)."""
     marks = [False] * n
     for k in range(streamed):
         marks[min(n - 1, (k * n + n // 2) // streamed)] = True
-    # fix collisions so exactly `streamed` are streamed
-    count = sum(marks)
     i = 0
-    while count < streamed:
-        if not marks[i]:
-            marks[i] = True
-            count += 1
+    while sum(marks) < streamed:  # rounding collisions
+        marks[i] = True
         i += 1
     return [not m for m in marks]
 

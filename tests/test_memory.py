@@ -207,3 +207,19 @@ def test_auto_no_longer_needs_room_for_t5():
     # an 8 GB card: T5 (10 GB) would not fit whole, but it streams, so a budget is still possible
     choice = choose_offload(8 * GIB, sizes)
     assert choice.mode == "budget" and 7 <= choice.budget_gb < 8
+
+
+def test_plan_residency_respects_bytes_of_mixed_blocks():
+    # FLUX: 19 double blocks (+ character layer) of 0.68 GiB, 38 single ones of 0.31 GiB
+    sizes = [68] * 19 + [31] * 38
+    for budget in (1, 100, 500, 1000, 1200, 1500, 2000, 2500):
+        resident = plan_residency(sizes, budget)
+        kept = sum(s for s, keep in zip(sizes, resident) if keep)
+        assert kept <= budget
+        # nothing left unused that a streamed block would fit in (within one double block)
+        assert budget - kept < 68 + 31 * 2 or all(resident)
+        streamed = [i for i, keep in enumerate(resident) if not keep]
+        if 1 < len(streamed) < len(sizes):
+            gaps = [b - a for a, b in zip(streamed, streamed[1:])]
+            assert max(gaps) - min(gaps) <= 2  # evenly spread through the doubles and the singles
+    assert plan_residency(sizes, sum(sizes)) == [True] * 57
