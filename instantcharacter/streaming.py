@@ -80,6 +80,7 @@ class BlockStreamer:
         self.repeats = repeats
         self.copy_stream = torch.cuda.Stream(self.device) if self.prefetch else None
         self.bytes_moved = 0
+        self.unpinned_bytes = 0
         self.groups: list[_Group] = []
         self._hooks = []
         self._closed = False
@@ -100,6 +101,10 @@ class BlockStreamer:
         for i, group in enumerate(self.groups):
             self._hooks.append(group.modules[0].register_forward_pre_hook(self._before(i)))
             self._hooks.append(group.modules[0].register_forward_hook(self._after(i)))
+        if self.copy_stream is not None:
+            # the resident copies made above were queued on the compute stream; the side stream reads them
+            # (fp8 → compute dtype) and must not start before they exist
+            self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
 
     @property
     def _needs_cast(self) -> bool:
@@ -111,7 +116,10 @@ class BlockStreamer:
         target = self.device if resident else torch.device("cpu")
         out = data.to(device=target, dtype=dtype)
         if not resident and self.cuda and not out.is_pinned():
-            out = out.pin_memory()
+            try:
+                out = out.pin_memory()
+            except RuntimeError:  # page-locked memory exhausted: pageable copies still work, more slowly
+                self.unpinned_bytes += out.numel() * out.element_size()
         return out
 
     def _materialize(self, group: _Group) -> None:
