@@ -95,6 +95,11 @@ class ComfyServer:
         with urllib.request.urlopen(self.url + path, timeout=30) as r:
             return json.load(r)
 
+    def post(self, path: str, payload: dict) -> None:
+        req = urllib.request.Request(self.url + path, data=json.dumps(payload).encode(),
+                                     headers={"Content-Type": "application/json"})
+        urllib.request.urlopen(req, timeout=30).close()
+
     def post_prompt(self, prompt: dict) -> str:
         data = json.dumps({"prompt": prompt}).encode()
         req = urllib.request.Request(self.url + "/prompt", data=data, headers={"Content-Type": "application/json"})

@@ -3,6 +3,7 @@
 import copy
 import json
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -143,3 +144,32 @@ def test_size_not_multiple_of_16_is_explained(server, object_info):
     entry = server.run(_basic(object_info, width=72, height=64))
     assert entry["status"]["status_str"] == "error"
     assert "width 72 is not a multiple of 16" in error_message(entry) and "use 64 or 80" in error_message(entry)
+
+
+def test_cancel_stops_the_sampler_within_a_step_and_leaves_the_models_clean(server, object_info):
+    before = server.run(_basic(object_info, seed=7))
+    assert before["status"]["status_str"] == "success", error_message(before)
+    # about 90 s of work on two CPU cores if nothing stopped it
+    prompt_id = server.post_prompt(_basic(object_info, seed=8, steps=200, width=512, height=512, batch_size=4))
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(item[1] == prompt_id for item in server.get("/queue")["queue_running"]):
+        time.sleep(0.2)
+    time.sleep(3)  # inside the denoising loop by now
+    pressed = time.time()
+    server.post("/interrupt", {})
+    while time.time() < deadline:
+        entry = server.get(f"/history/{prompt_id}").get(prompt_id)
+        if entry and entry.get("status", {}).get("completed") is not None:
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError("the interrupted prompt never finished:\n" + server.log_tail())
+    stopped_after = time.time() - pressed
+    kinds = [kind for kind, _ in entry["status"]["messages"]]
+    assert "execution_interrupted" in kinds and "execution_success" not in kinds, kinds
+    assert stopped_after < 10, f"Cancel took {stopped_after:.1f} s (a step takes well under a second here)"
+    # attention processors, LoRA layers and placement were restored: the same prompt gives the same picture
+    after = server.run(_basic(object_info, seed=7))
+    assert after["status"]["status_str"] == "success", error_message(after)
+    a, b = _saved_images(server, before)[0], _saved_images(server, after)[0]
+    assert list(a.getdata()) == list(b.getdata())
