@@ -62,49 +62,25 @@ def _store(tensors: dict[str, torch.Tensor], storage) -> dict[str, torch.Tensor]
 # --- FLUX transformer: diffusers → Black Forest Labs layout -----------------------------------------------------
 
 def bfl_flux_state_dict(transformer) -> dict[str, torch.Tensor]:
-    """The BFL (``flux1-dev.safetensors``) state dict of a diffusers ``FluxTransformer2DModel``."""
+    """The BFL (``flux1-dev.safetensors``) state dict of a diffusers ``FluxTransformer2DModel``: the loader's
+    key table (:func:`single_file.bfl_sources`) run backwards. The host tests check the result against
+    ComfyUI's own FLUX key map, and :func:`write_random_bfl_flux` writes the same keys and shapes by hand."""
+    from .single_file import bfl_sources
+
     sd = transformer.state_dict()
+    table = bfl_sources("", transformer.inner_dim, len(transformer.transformer_blocks),
+                        len(transformer.single_transformer_blocks))
+    pieces: dict[str, list[tuple[int, torch.Tensor, bool]]] = {}
+    for name, (key, rows, swap) in table.items():
+        pieces.setdefault(key, []).append((rows[0] if rows else 0, sd[name], swap))
     out = {}
-
-    def put(dst: str, *srcs: str, swap: bool = False, norm: bool = False):
-        ends = ("weight",) if norm else ("weight", "bias")
-        for end in ends:
-            tensor = torch.cat([sd[f"{s}.{end}"] for s in srcs])
-            if swap:
-                scale, shift = tensor.chunk(2)
-                tensor = torch.cat([shift, scale])
-            out[f"{dst}.scale" if norm else f"{dst}.{end}"] = tensor
-
-    put("img_in", "x_embedder")
-    put("txt_in", "context_embedder")
-    for src, dst in (("timestep", "time_in"), ("text", "vector_in"), ("guidance", "guidance_in")):
-        put(f"{dst}.in_layer", f"time_text_embed.{src}_embedder.linear_1")
-        put(f"{dst}.out_layer", f"time_text_embed.{src}_embedder.linear_2")
-    for i in range(len(transformer.transformer_blocks)):
-        b, d = f"double_blocks.{i}", f"transformer_blocks.{i}"
-        put(f"{b}.img_mod.lin", f"{d}.norm1.linear")
-        put(f"{b}.txt_mod.lin", f"{d}.norm1_context.linear")
-        put(f"{b}.img_attn.qkv", f"{d}.attn.to_q", f"{d}.attn.to_k", f"{d}.attn.to_v")
-        put(f"{b}.txt_attn.qkv", f"{d}.attn.add_q_proj", f"{d}.attn.add_k_proj", f"{d}.attn.add_v_proj")
-        put(f"{b}.img_attn.norm.query_norm", f"{d}.attn.norm_q", norm=True)
-        put(f"{b}.img_attn.norm.key_norm", f"{d}.attn.norm_k", norm=True)
-        put(f"{b}.txt_attn.norm.query_norm", f"{d}.attn.norm_added_q", norm=True)
-        put(f"{b}.txt_attn.norm.key_norm", f"{d}.attn.norm_added_k", norm=True)
-        put(f"{b}.img_attn.proj", f"{d}.attn.to_out.0")
-        put(f"{b}.txt_attn.proj", f"{d}.attn.to_add_out")
-        put(f"{b}.img_mlp.0", f"{d}.ff.net.0.proj")
-        put(f"{b}.img_mlp.2", f"{d}.ff.net.2")
-        put(f"{b}.txt_mlp.0", f"{d}.ff_context.net.0.proj")
-        put(f"{b}.txt_mlp.2", f"{d}.ff_context.net.2")
-    for i in range(len(transformer.single_transformer_blocks)):
-        b, d = f"single_blocks.{i}", f"single_transformer_blocks.{i}"
-        put(f"{b}.modulation.lin", f"{d}.norm.linear")
-        put(f"{b}.linear1", f"{d}.attn.to_q", f"{d}.attn.to_k", f"{d}.attn.to_v", f"{d}.proj_mlp")
-        put(f"{b}.linear2", f"{d}.proj_out")
-        put(f"{b}.norm.query_norm", f"{d}.attn.norm_q", norm=True)
-        put(f"{b}.norm.key_norm", f"{d}.attn.norm_k", norm=True)
-    put("final_layer.linear", "proj_out")
-    put("final_layer.adaLN_modulation.1", "norm_out.linear", swap=True)
+    for key, parts in pieces.items():
+        parts.sort(key=lambda part: part[0])  # fused q, k, v (and mlp) rows in file order
+        tensor = torch.cat([t for _, t, _ in parts])
+        if parts[0][2]:  # BFL keeps shift, scale; diffusers scale, shift
+            first, second = tensor.chunk(2)
+            tensor = torch.cat([second, first])
+        out[key] = tensor
     return out
 
 

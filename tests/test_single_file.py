@@ -324,3 +324,27 @@ def test_wrong_siglip_file_is_named_and_described(twins, lookalikes, kind, says)
     with pytest.raises(ModelFolderError) as err:
         load_siglip_vision(wrong)
     assert wrong.name in str(err.value) and says in str(err.value) and "sigclip_vision_patch14_384" in str(err.value)
+
+
+def test_bfl_writer_matches_the_hand_written_layout(tmp_path):
+    """The twins' BFL writer (the loader's table run backwards) gives exactly the keys and shapes that
+    write_random_bfl_flux lists by hand from BFL's layout, and the loader reads it back exactly."""
+    from diffusers import FluxTransformer2DModel
+    from safetensors import safe_open
+
+    from instantcharacter.single_file import load_flux_transformer
+    from instantcharacter.testing_single_file import bfl_flux_state_dict, write_flux_file
+
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=2, num_single_layers=2,
+                                   attention_head_dim=128, num_attention_heads=2, joint_attention_dim=64,
+                                   pooled_projection_dim=64, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+    written = bfl_flux_state_dict(model)
+    with safe_open(str(write_random_bfl_flux(tmp_path / "ref.safetensors", hidden=256, double=2, single=2)),
+                   "pt") as f:
+        expected = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    assert {k: tuple(v.shape) for k, v in written.items()} == expected
+    loaded = load_flux_transformer(write_flux_file(model, tmp_path / "twin.safetensors", storage=torch.float32),
+                                   dtype=torch.float32)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
