@@ -135,7 +135,3 @@ def split_batch(images: torch.Tensor, mask: torch.Tensor | None = None) -> list[
     masks = mask.expand(len(pictures), -1, -1) if mask.shape[0] == 1 else mask
     return list(zip(pictures, masks))
 
-
-def references_from_batch(images: torch.Tensor, mask: torch.Tensor | None = None) -> list[Image.Image]:
-    """Like :func:`split_batch`, with the background painted white where the mask is 0."""
-    return [apply_mask(p, m) if m is not None else p for p, m in split_batch(images, mask)]

@@ -5,7 +5,7 @@ from PIL import Image
 
 from instantcharacter.errors import InputError
 from instantcharacter.images import (
-    apply_mask, fit_square, pil_to_tensor, reference_views, references_from_batch, tensor_to_pil, to_rgb,
+    apply_mask, fit_square, pil_to_tensor, reference_views, split_batch, tensor_to_pil, to_rgb,
 )
 
 
@@ -81,12 +81,14 @@ def test_comfy_batch_with_one_or_many_masks():
     batch = torch.full((3, 4, 4, 3), 0.5)
     mask = torch.zeros(1, 4, 4)
     mask[0, 0, 0] = 1
-    pictures = references_from_batch(batch, mask)
+    pairs = split_batch(batch, mask)  # what Encode Reference does, then the mask is applied per picture
+    pictures = [apply_mask(p, m) for p, m in pairs]
     assert len(pictures) == 3
     assert all(tuple(np.asarray(p)[0, 0]) == (128, 128, 128) and tuple(np.asarray(p)[3, 3]) == (255,) * 3
                for p in pictures)
     with pytest.raises(InputError, match="3 images but 2 masks"):
-        references_from_batch(batch, torch.zeros(2, 4, 4))
+        split_batch(batch, torch.zeros(2, 4, 4))
+    assert [m for _, m in split_batch(batch)] == [None] * 3
 
 
 def test_tensor_round_trip():
