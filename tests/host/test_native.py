@@ -225,3 +225,41 @@ def test_apply_node_patches_a_clone_only(pack, comfy, comfy_flux, tiny_adapter, 
     assert len(twice.model_options["transformer_options"]["patches_replace"]["dit"][("double_block", 0)].entries) == 2
     assert len(dit[("double_block", 0)].entries) == 1  # the first patched MODEL is unchanged too
     assert twice.get_additional_models()
+
+
+def test_fp8_model_through_comfyuis_manual_cast(pack, comfy, tiny_flux, tiny_adapter, features, tmp_path):
+    """A MODEL as ComfyUI's Load Diffusion Model makes it with weight_dtype fp8_e4m3fn: weights stored in fp8,
+    computed through comfy.ops.manual_cast. The patch must give what the pipeline path gives for the same
+    (fp8-rounded) weights."""
+    from types import SimpleNamespace
+
+    from comfy.ldm.flux.model import Flux
+    from safetensors.torch import save_file
+
+    from instantcharacter.native import CharacterEntry
+    from instantcharacter.single_file import load_flux_transformer
+    from instantcharacter.testing_single_file import bfl_flux_state_dict
+
+    t = tiny_flux.transformer
+    cfg = t.config
+    model = Flux(in_channels=16, out_channels=16, vec_in_dim=cfg.pooled_projection_dim,
+                 context_in_dim=cfg.joint_attention_dim, hidden_size=t.inner_dim, mlp_ratio=4.0,
+                 num_heads=cfg.num_attention_heads, depth=cfg.num_layers, depth_single_blocks=cfg.num_single_layers,
+                 axes_dim=list(cfg.axes_dims_rope), theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True,
+                 dtype=torch.float8_e4m3fn, operations=comfy.ops.manual_cast)
+    model.load_state_dict(bfl_flux_state_dict(t))  # rounds every weight to fp8
+    model.eval()
+    assert next(model.double_blocks[0].parameters()).dtype == torch.float8_e4m3fn
+    rounded = tmp_path / "flux1-dev-fp8-rounded.safetensors"
+    save_file({k: v.float().contiguous() for k, v in model.state_dict().items()}, str(rounded))
+    twin = SimpleNamespace(transformer=load_flux_transformer(rounded, dtype=torch.float32))
+
+    x, ctx, pooled = _inputs(tiny_flux)
+    entry = CharacterEntry(tiny_adapter, features, 0.9)
+    native = _comfy_call(model, x, ctx, pooled, 0.7, _patches(pack, model, [entry]))
+    plain = _comfy_call(model, x, ctx, pooled, 0.7, {})
+    pipeline = _diffusers_call(twin, tiny_adapter, features, x, ctx, pooled, 0.7, 0.9)
+    diff = (native - pipeline).abs().max().item()
+    print(f"\nfp8 MODEL (manual_cast) native vs pipeline on the same rounded weights: max diff {diff:.2e}")
+    assert diff <= 1e-4
+    assert (native - plain).abs().max() > 1e-3
