@@ -61,7 +61,8 @@ def _missing_weights(folder: Path, sub: str, stem: str) -> list[str]:
     if single.is_file():
         return missing
     if not index.is_file():
-        return missing + [f"{sub}/{stem}.safetensors"]
+        # without the index we cannot tell whether the repo has one file or shards
+        return missing + [f"{sub}/{stem}.safetensors (or {index.name} and its shards)"]
     try:
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
     except (ValueError, KeyError):
