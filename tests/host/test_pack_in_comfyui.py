@@ -6,6 +6,7 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -173,3 +174,20 @@ def test_cancel_stops_the_sampler_within_a_step_and_leaves_the_models_clean(serv
     assert after["status"]["status_str"] == "success", error_message(after)
     a, b = _saved_images(server, before)[0], _saved_images(server, after)[0]
     assert list(a.getdata()) == list(b.getdata())
+
+
+def test_offload_settings_give_the_same_picture_through_the_server(server, object_info):
+    """On this CPU nothing moves, but the budget and sequential code paths (T5 and transformer block
+    streaming hooks, per-image and tiled VAE decode) run in the server and must not change the picture."""
+    pictures = {}
+    for offload, budget, fp8 in (("auto", 16.0, False), ("budget", 2.0, False), ("sequential", 16.0, False),
+                                 ("budget", 2.0, True)):
+        entry = server.run(_basic(object_info, seed=9, offload=offload, vram_budget_gb=budget, fp8_storage=fp8))
+        assert entry["status"]["status_str"] == "success", error_message(entry)
+        pictures[(offload, fp8)] = np.asarray(_saved_images(server, entry)[0], dtype=np.int16)
+    reference = pictures[("auto", False)]
+    assert np.array_equal(pictures[("budget", False)], reference)
+    assert np.array_equal(pictures[("sequential", False)], reference)
+    fp8 = pictures[("budget", True)]
+    assert not np.array_equal(fp8, reference) and np.abs(fp8 - reference).mean() < 8  # close, not equal
+    assert "offload sequential; VAE decode tiled" in server.log_tail(400)
