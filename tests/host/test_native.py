@@ -50,20 +50,24 @@ def pack(comfy):
 
 @pytest.fixture(scope="module")
 def comfy_flux(comfy, tiny_flux):
-    from comfy.ldm.flux.model import Flux
-
     from instantcharacter.testing_single_file import bfl_flux_state_dict
 
-    t = tiny_flux.transformer
-    cfg = t.config
-    model = Flux(in_channels=16, out_channels=16, vec_in_dim=cfg.pooled_projection_dim,
-                 context_in_dim=cfg.joint_attention_dim, hidden_size=t.inner_dim, mlp_ratio=4.0,
-                 num_heads=cfg.num_attention_heads, depth=cfg.num_layers, depth_single_blocks=cfg.num_single_layers,
-                 axes_dim=list(cfg.axes_dims_rope), theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True,
-                 dtype=torch.float32, operations=comfy.ops.disable_weight_init)
-    missing, unexpected = model.load_state_dict(bfl_flux_state_dict(t), strict=False)
+    model = _comfy_twin(tiny_flux.transformer, torch.float32, comfy.ops.disable_weight_init)
+    missing, unexpected = model.load_state_dict(bfl_flux_state_dict(tiny_flux.transformer), strict=False)
     assert not unexpected and not missing, (missing, unexpected)
     return model.eval()
+
+
+def _comfy_twin(t, dtype, operations):
+    """ComfyUI's FLUX model class at the tiny diffusers transformer's sizes."""
+    from comfy.ldm.flux.model import Flux
+
+    cfg = t.config
+    return Flux(in_channels=16, out_channels=16, vec_in_dim=cfg.pooled_projection_dim,
+                context_in_dim=cfg.joint_attention_dim, hidden_size=t.inner_dim, mlp_ratio=4.0,
+                num_heads=cfg.num_attention_heads, depth=cfg.num_layers, depth_single_blocks=cfg.num_single_layers,
+                axes_dim=list(cfg.axes_dims_rope), theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True,
+                dtype=dtype, operations=operations)
 
 
 @pytest.fixture(scope="module")
@@ -233,21 +237,14 @@ def test_fp8_model_through_comfyuis_manual_cast(pack, comfy, tiny_flux, tiny_ada
     (fp8-rounded) weights."""
     from types import SimpleNamespace
 
-    from comfy.ldm.flux.model import Flux
     from safetensors.torch import save_file
 
     from instantcharacter.native import CharacterEntry
     from instantcharacter.single_file import load_flux_transformer
     from instantcharacter.testing_single_file import bfl_flux_state_dict
 
-    t = tiny_flux.transformer
-    cfg = t.config
-    model = Flux(in_channels=16, out_channels=16, vec_in_dim=cfg.pooled_projection_dim,
-                 context_in_dim=cfg.joint_attention_dim, hidden_size=t.inner_dim, mlp_ratio=4.0,
-                 num_heads=cfg.num_attention_heads, depth=cfg.num_layers, depth_single_blocks=cfg.num_single_layers,
-                 axes_dim=list(cfg.axes_dims_rope), theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True,
-                 dtype=torch.float8_e4m3fn, operations=comfy.ops.manual_cast)
-    model.load_state_dict(bfl_flux_state_dict(t))  # rounds every weight to fp8
+    model = _comfy_twin(tiny_flux.transformer, torch.float8_e4m3fn, comfy.ops.manual_cast)
+    model.load_state_dict(bfl_flux_state_dict(tiny_flux.transformer))  # rounds every weight to fp8
     model.eval()
     assert next(model.double_blocks[0].parameters()).dtype == torch.float8_e4m3fn
     rounded = tmp_path / "flux1-dev-fp8-rounded.safetensors"
