@@ -101,6 +101,8 @@ def cmd_generate(args) -> int:
                       guidance=args.guidance, seed=args.seed, subject_scale=args.subject_scale,
                       batch_size=args.batch_size, offload=offload, vram_budget_gb=args.vram_budget,
                       fp8_storage=args.fp8, step_callback=progress)
+    streamed = f", {result.bytes_streamed / 2**30:.1f} GiB streamed" if result.bytes_streamed else ""
+    print(f"placement: {result.offload}{streamed}; VAE decode {result.decode}")
     args.output_dir.mkdir(parents=True, exist_ok=True)
     for i, img in enumerate(result.images):
         out = args.output_dir / f"instantcharacter_{args.seed}_{i:02d}.png"

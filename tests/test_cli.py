@@ -42,3 +42,4 @@ def test_doctor_selftest_runs_as_a_module():
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "tiny RANDOM models" in result.stdout and "selftest passed" in result.stdout
+    assert "placement: off (not a CUDA device: nothing to offload); VAE decode batch" in result.stdout
