@@ -4,10 +4,10 @@ Modes (the sampler's ``offload`` setting):
 
 * ``off`` — every model stays on the compute device (fastest; needs the most VRAM).
 * ``budget`` — the placement follows the work: text encoders, projector and VAE come to the device only
-  for their phase (T5's blocks stream when T5 does not fit the budget; the VAE decodes one image at a time,
-  tiled when one decode would not fit); of the transformer, as many blocks (each with its character-attention layer) stay
-  resident as the VRAM budget allows, and the rest stream from pinned host memory one block ahead of use
-  on a side CUDA stream (see :mod:`streaming`).
+  for their phase (T5's blocks stream when T5 does not fit the budget; the VAE decodes one image at a
+  time, tiled when one decode would not fit); of the transformer, as many blocks (each with its
+  character-attention layer) stay resident as the VRAM budget allows, and the rest stream from pinned
+  host memory one block ahead of use on a side CUDA stream (see :mod:`streaming`).
 * ``sequential`` — the slow floor: every block comes to the device only while it runs, no prefetch.
 * ``auto`` — picks one of the above from the free VRAM.
 
