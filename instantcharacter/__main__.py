@@ -168,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     doc = sub.add_parser("doctor", help="check the machine and the model files")
     doc.add_argument("--selftest", action="store_true", help="run a tiny random end-to-end generation")
     args = parser.parse_args(argv)
+    if args.command == "generate" and args.offload == "budget" and args.vram_budget is None:
+        parser.error("--offload budget needs --vram-budget GB (the VRAM the run may use)")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return cmd_generate(args) if args.command == "generate" else cmd_doctor(args)

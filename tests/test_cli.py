@@ -2,6 +2,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 
 from instantcharacter.__main__ import main
 
@@ -43,3 +44,10 @@ def test_doctor_selftest_runs_as_a_module():
     assert result.returncode == 0, result.stderr[-2000:]
     assert "tiny RANDOM models" in result.stdout and "selftest passed" in result.stdout
     assert "placement: off (not a CUDA device: nothing to offload); VAE decode batch" in result.stdout
+
+
+def test_budget_without_a_budget_is_refused_before_loading(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--models-dir", str(tmp_path), "generate", "--offload", "budget"])
+    assert info.value.code == 2
+    assert "--offload budget needs --vram-budget" in capsys.readouterr().err
