@@ -46,8 +46,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.download_models:
         sys.path.insert(0, str(HERE))
-        from instantcharacter import hub
-        from instantcharacter.locations import default_models_dir, locate_all
+        from instantcharacter.files import hub
+        from instantcharacter.files.locations import default_models_dir, locate_all
 
         models_dir = args.models_dir or default_models_dir()
         for loc in locate_all(models_dir).values():

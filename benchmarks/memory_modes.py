@@ -52,7 +52,7 @@ def modes(small: bool, sizes: dict[str, int], largest_group: int) -> list[Mode]:
     """The rows. At full size the budgets are the goal table's; the scaled-down run picks budgets that keep
     some of its five tiny blocks resident (room for 30 % and 15 % of the block bytes, on top of the reserve
     and of room for two streamed blocks in flight)."""
-    from instantcharacter.memory import ACTIVATION_RESERVE_GB
+    from instantcharacter.run.memory import ACTIVATION_RESERVE_GB
 
     base = ACTIVATION_RESERVE_GB + (sizes["transformer_rest"] + 2 * largest_group) / GIB
     blocks = sizes["blocks"] / GIB
@@ -72,8 +72,8 @@ def modes(small: bool, sizes: dict[str, int], largest_group: int) -> list[Mode]:
 
 
 def configs(small: bool) -> dict:
-    from instantcharacter.projector import PUBLISHED_PROJECTOR
-    from instantcharacter.single_file import shipped_config
+    from instantcharacter.model.projector import PUBLISHED_PROJECTOR
+    from instantcharacter.files.single_file import shipped_config
 
     if not small:
         strip = lambda c: {k: v for k, v in c.items() if not k.startswith("_")}  # noqa: E731
@@ -84,7 +84,7 @@ def configs(small: bool) -> dict:
                     clip=shipped_config("clip_l_text.json"), t5=shipped_config("t5_xxl_encoder.json"),
                     vae=strip(shipped_config("flux_vae.json")), siglip=siglip, dino=DINOV2_GIANT,
                     projector=PUBLISHED_PROJECTOR, text_len=512)
-    from instantcharacter import testing as t
+    from instantcharacter.testing import tiny as t
 
     return dict(
         transformer=dict(patch_size=1, in_channels=64, num_layers=t.FLUX_TINY_DOUBLE,
@@ -128,10 +128,10 @@ def build(small: bool, init_device, dtype, workdir: Path):
     from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTokenizer, Dinov2Config, Dinov2Model,
                               SiglipVisionConfig, SiglipVisionModel, T5Config, T5EncoderModel, T5TokenizerFast)
 
-    from instantcharacter.adapter import InstantCharacterAdapter
-    from instantcharacter.encoders import DINO_DEFAULT_NORM, SIGLIP_DEFAULT_NORM, ReferenceEncoders
-    from instantcharacter.single_file import shipped_config
-    from instantcharacter.testing import write_clip_tokenizer, write_t5_tokenizer
+    from instantcharacter.model.adapter import InstantCharacterAdapter
+    from instantcharacter.reference.encoders import DINO_DEFAULT_NORM, SIGLIP_DEFAULT_NORM, ReferenceEncoders
+    from instantcharacter.files.single_file import shipped_config
+    from instantcharacter.testing.tiny import write_clip_tokenizer, write_t5_tokenizer
 
     cfg = configs(small)
     # The prompt's token ids only need to lie inside the vocabularies: tokenizers built offline will do.
@@ -230,14 +230,15 @@ def encode_reference(encoders, device):
 
 
 def run(flux, adapter, features, mode: Mode, device, size, steps, text_len):
-    from instantcharacter.pipeline import generate
+    from instantcharacter.run.pipeline import GenerationSettings, MemorySettings, generate
 
     all_to_host(flux.transformer, flux.text_encoder, flux.text_encoder_2, flux.vae, adapter)  # "off" leaves them
     with Meter(device) as meter:
+        settings = GenerationSettings("a girl reading a book in a library, warm light", width=size, height=size,
+                                      steps=steps, seed=0, max_sequence_length=text_len)
+        memory = MemorySettings(mode.offload, mode.budget_gb, mode.fp8, device)
         result = generate(flux, adapter if mode.character else None, features if mode.character else None,
-                          "a girl reading a book in a library, warm light", width=size, height=size, steps=steps,
-                          seed=0, offload=mode.offload, vram_budget_gb=mode.budget_gb, fp8_storage=mode.fp8,
-                          device=device, max_sequence_length=text_len, step_callback=meter.step)
+                          settings, memory, step_callback=meter.step)
     return result, meter
 
 
@@ -290,8 +291,8 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         flux, adapter, encoders, text_len = build(args.small, device, dtype, Path(tmp))
-    from instantcharacter.memory import model_sizes
-    from instantcharacter.streaming import module_bytes
+    from instantcharacter.run.memory import model_sizes
+    from instantcharacter.run.streaming import module_bytes
 
     sizes = model_sizes(flux, adapter)
     t = flux.transformer

@@ -13,9 +13,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import hub
+from .files import hub
 from .errors import InstantCharacterError
-from .locations import default_models_dir, locate_all
+from .files.locations import default_models_dir, locate_all
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 BUNDLED_REFERENCE = ASSETS / "reference_girl.png"
@@ -74,9 +74,10 @@ def cmd_generate(args) -> int:
     import torch
     from PIL import Image
 
-    from .adapter import load_adapter
-    from .encoders import ReferenceEncoders
-    from .pipeline import generate, load_flux
+    from .files.adapter_file import load_adapter
+    from .files.encoders import load_reference_encoders
+    from .files.flux import load_flux
+    from .run.pipeline import GenerationSettings, MemorySettings, generate
 
     paths = args.paths if hasattr(args, "paths") else _paths(args)
     references = args.reference or [BUNDLED_REFERENCE]
@@ -85,7 +86,7 @@ def cmd_generate(args) -> int:
     offload = args.offload
     device = "cuda" if torch.cuda.is_available() else "cpu"
     started = time.perf_counter()
-    encoders = ReferenceEncoders.load(paths["siglip"], paths["dinov2"], dtype=dtype).to(device)
+    encoders = load_reference_encoders(paths["siglip"], paths["dinov2"], dtype=dtype).to(device)
     features = encoders.encode(images, fit=args.fit)
     encoders.to("cpu")
     del encoders
@@ -96,11 +97,11 @@ def cmd_generate(args) -> int:
     def progress(step, total):
         print(f"\rstep {step}/{total}", end="" if step < total else "\n", flush=True)
 
-    result = generate(flux, adapter, features, args.prompt, negative_prompt=args.negative_prompt,
-                      true_cfg=args.true_cfg, width=args.width, height=args.height, steps=args.steps,
-                      guidance=args.guidance, seed=args.seed, subject_scale=args.subject_scale,
-                      batch_size=args.batch_size, offload=offload, vram_budget_gb=args.vram_budget,
-                      fp8_storage=args.fp8, step_callback=progress)
+    settings = GenerationSettings(args.prompt, negative_prompt=args.negative_prompt, true_cfg=args.true_cfg,
+                                  width=args.width, height=args.height, steps=args.steps, guidance=args.guidance,
+                                  seed=args.seed, subject_scale=args.subject_scale, batch_size=args.batch_size)
+    memory = MemorySettings(offload, args.vram_budget, args.fp8)
+    result = generate(flux, adapter, features, settings, memory, step_callback=progress)
     streamed = f", {result.bytes_streamed / 2**30:.1f} GiB streamed" if result.bytes_streamed else ""
     print(f"placement: {result.offload}{streamed}; VAE decode {result.decode}")
     args.output_dir.mkdir(parents=True, exist_ok=True)
@@ -112,7 +113,7 @@ def cmd_generate(args) -> int:
 
 
 def _selftest(args) -> int:
-    from .testing import write_tiny_models
+    from .testing.tiny import write_tiny_models
 
     print("selftest: tiny RANDOM models (not the real weights; the pictures are noise by design)")
     with tempfile.TemporaryDirectory() as tmp:
@@ -132,7 +133,7 @@ def _selftest(args) -> int:
 def cmd_doctor(args) -> int:
     import torch
 
-    from .memory import recommend_offload
+    from .run.memory import recommend_offload
 
     print(f"python {sys.version.split()[0]}, torch {torch.__version__}")
     for lib in ("diffusers", "transformers", "huggingface_hub", "safetensors"):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..instantcharacter.images import FIT_MODES
+from ..instantcharacter.reference.images import FIT_MODES
+from .devices import encoders_on_device
 from .types import CATEGORY, Encoders
 
 
@@ -36,18 +37,13 @@ class ConsistencyScore(io.ComfyNode):
 
     @classmethod
     def execute(cls, encoders, reference, images, fit, reference_mask=None) -> io.NodeOutput:
-        import comfy.model_management
-
-        from ..instantcharacter.consistency import consistency_scores
-        from ..instantcharacter.images import split_batch, tensor_to_pil
+        from ..instantcharacter.reference.consistency import consistency_scores
+        from ..instantcharacter.reference.images import split_batch, tensor_to_pil
 
         refs = split_batch(reference, reference_mask)
         generated = [tensor_to_pil(im) for im in images]
-        encoders.to(comfy.model_management.get_torch_device())
-        try:
+        with encoders_on_device(encoders):
             scores = consistency_scores(encoders, [p for p, _ in refs], generated, fit, [m for _, m in refs])
-        finally:
-            encoders.to("cpu")
         report = scores.report()
         return io.NodeOutput(scores.combined, report, images[scores.best:scores.best + 1],
                              ui={"text": [report]})

@@ -1,4 +1,5 @@
-"""Model folders: registered by merging into ComfyUI's folder_paths, and listed for the loader combos."""
+"""Model folders: registered by merging into ComfyUI's folder_paths, listed for the loader combos, and the
+user's pick turned into a path (or a download)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import json
 import os
 
 import folder_paths
+
+from ..instantcharacter.files import hub
 
 IPADAPTER = "ipadapter"
 DOWNLOAD_SUFFIX = " (download)"
@@ -52,3 +55,77 @@ def download_target(folder_name: str) -> str:
     path = folder_paths.get_folder_paths(folder_name)[0]
     os.makedirs(path, exist_ok=True)
     return path
+
+
+class ChoiceGoneError(FileNotFoundError):
+    """A file or folder picked in a node is no longer on disk (the node's list is from before)."""
+
+    def __init__(self, name: str, folder_name: str, alternative: str | None = None):
+        other = f", or choose '{alternative}'" if alternative else ""
+        super().__init__(f"{name} is no longer in the {folder_name} folder; refresh the node (press R) and pick "
+                         f"another{other}.")
+
+
+def file_choice(folder_name: str, name: str, alternative: str | None = None) -> str:
+    """The full path of a file picked from a model folder's list."""
+    path = folder_paths.get_full_path(folder_name, name)
+    if path is None:
+        raise ChoiceGoneError(name, folder_name, alternative)
+    return path
+
+
+def folder_choice(choice: str, options: dict[str, str], model: hub.HubModel, folder_name: str) -> str:
+    """The path of a picked model folder, downloading it first when the pick is the "(download)" entry."""
+    if choice.endswith(DOWNLOAD_SUFFIX):
+        return download(model, os.path.join(download_target(folder_name), model.folder_name))
+    if choice not in options:
+        raise ChoiceGoneError(choice, folder_name, f"{model.folder_name}{DOWNLOAD_SUFFIX}")
+    return options[choice]
+
+
+def download(model: hub.HubModel, dest: str) -> str:
+    """Download with ComfyUI's progress bar (one step per file pattern)."""
+    import comfy.utils
+
+    bar = comfy.utils.ProgressBar(len(model.patterns))
+    return str(hub.download(model, dest, progress=lambda done, total: bar.update_absolute(done, total)))
+
+
+def model_files(folder_name: str) -> list[str]:
+    """Single model files in a ComfyUI model folder, without the files inside diffusers/transformers model
+    folders (those are offered as folders)."""
+    roots = [r for r in folder_paths.get_folder_paths(folder_name) if os.path.isdir(r)]
+    seen: dict[str, bool] = {}
+
+    def is_model_folder(rel: str) -> bool:
+        if rel not in seen:
+            seen[rel] = any(os.path.isfile(os.path.join(root, rel, marker))
+                            for root in roots for marker in ("config.json", "model_index.json"))
+        return seen[rel]
+
+    def inside_model_folder(name: str) -> bool:
+        parent = os.path.dirname(name)
+        while parent:
+            if is_model_folder(parent):
+                return True
+            parent = os.path.dirname(parent)
+        return False
+
+    return [f for f in folder_paths.get_filename_list(folder_name) if not inside_model_folder(f)]
+
+
+def likely(options: list[str], *hints: str) -> str | None:
+    """The first option whose file name starts with one of ``hints`` (in order), to preselect the usual file."""
+    for hint in hints:
+        for option in options:
+            if os.path.basename(option).lower().startswith(hint):
+                return option
+    return None
+
+
+def comfy_tokenizer_dirs() -> tuple[str, str]:
+    """The CLIP and T5 tokenizer folders that ship with the running ComfyUI."""
+    import comfy
+
+    base = os.path.realpath(next(iter(comfy.__path__)))  # a namespace package: no comfy.__file__
+    return os.path.join(base, "sd1_tokenizer"), os.path.join(base, "text_encoders", "t5_tokenizer")

@@ -3,14 +3,11 @@ adapter."""
 
 from __future__ import annotations
 
-import os
-
-import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
-from ..instantcharacter import hub
-from ..instantcharacter.cache import MODELS, file_key
+from ..instantcharacter.files import hub
+from ..instantcharacter.files.cache import MODELS, file_key
 from . import folders
 from .types import CATEGORY, DTYPES, Adapter, Encoders, Flux, torch_dtype
 
@@ -20,68 +17,6 @@ DINO_DOWNLOAD = hub.DINOV2.folder_name + folders.DOWNLOAD_SUFFIX
 ADAPTER_DOWNLOAD = hub.ADAPTER_FILENAME + folders.DOWNLOAD_SUFFIX
 TOKEN_NOTE = ("Downloads use the token in HF_TOKEN or this machine's Hugging Face login (`hf auth login`); "
               "no token is ever stored in the workflow.")
-
-
-def _download(model: hub.HubModel, dest: str) -> str:
-    bar = comfy.utils.ProgressBar(len(model.patterns))
-    return str(hub.download(model, dest, progress=lambda done, total: bar.update_absolute(done, total)))
-
-
-def _model_files(folder_name: str) -> list[str]:
-    """Single model files in a ComfyUI model folder, without the files inside diffusers/transformers model
-    folders (those are offered as folders)."""
-    roots = [r for r in folder_paths.get_folder_paths(folder_name) if os.path.isdir(r)]
-    seen: dict[str, bool] = {}
-
-    def is_model_folder(rel: str) -> bool:
-        if rel not in seen:
-            seen[rel] = any(os.path.isfile(os.path.join(root, rel, marker))
-                            for root in roots for marker in ("config.json", "model_index.json"))
-        return seen[rel]
-
-    def inside_model_folder(name: str) -> bool:
-        parent = os.path.dirname(name)
-        while parent:
-            if is_model_folder(parent):
-                return True
-            parent = os.path.dirname(parent)
-        return False
-
-    return [f for f in folder_paths.get_filename_list(folder_name) if not inside_model_folder(f)]
-
-
-def _likely(options: list[str], *hints: str) -> str | None:
-    """The first option whose file name starts with one of ``hints`` (in order), to preselect the usual file."""
-    for hint in hints:
-        for option in options:
-            if os.path.basename(option).lower().startswith(hint):
-                return option
-    return None
-
-
-def _file_choice(folder_name: str, name: str) -> str:
-    path = folder_paths.get_full_path(folder_name, name)
-    if path is None:
-        raise FileNotFoundError(f"{name} is not in the {folder_name} folder any more; refresh the node (press R) "
-                                "and pick another.")
-    return path
-
-
-def _comfy_tokenizer_dirs() -> tuple[str, str]:
-    """The CLIP and T5 tokenizer folders that ship with the running ComfyUI."""
-    import comfy
-
-    base = os.path.realpath(next(iter(comfy.__path__)))  # a namespace package: no comfy.__file__
-    return os.path.join(base, "sd1_tokenizer"), os.path.join(base, "text_encoders", "t5_tokenizer")
-
-
-def _folder_choice(choice: str, options: dict[str, str], model: hub.HubModel, folder_name: str) -> str:
-    if choice.endswith(folders.DOWNLOAD_SUFFIX):
-        return _download(model, os.path.join(folders.download_target(folder_name), model.folder_name))
-    if choice not in options:
-        raise FileNotFoundError(f"{choice} is no longer in the {folder_name} folder; refresh the node (press R) "
-                                f"and pick another, or choose '{model.folder_name}{folders.DOWNLOAD_SUFFIX}'.")
-    return options[choice]
 
 
 class LoadFlux(io.ComfyNode):
@@ -110,9 +45,9 @@ class LoadFlux(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, weight_dtype) -> io.NodeOutput:
-        from ..instantcharacter.pipeline import load_flux
+        from ..instantcharacter.files.flux import load_flux
 
-        path = _folder_choice(model, folders.subfolders("diffusion_models"), hub.FLUX_DEV, "diffusion_models")
+        path = folders.folder_choice(model, folders.subfolders("diffusion_models"), hub.FLUX_DEV, "diffusion_models")
         dtype = torch_dtype(weight_dtype)
         flux = MODELS.get("flux", file_key(path, weight_dtype), lambda: load_flux(path, dtype))
         return io.NodeOutput(flux)
@@ -124,9 +59,9 @@ FP8_STORAGE = {"auto": None, "on": True, "off": False}
 class LoadFluxSingleFile(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        transformers = _model_files("diffusion_models")
-        encoders = _model_files("text_encoders")
-        vaes = _model_files("vae")
+        transformers = folders.model_files("diffusion_models")
+        encoders = folders.model_files("text_encoders")
+        vaes = folders.model_files("vae")
         return io.Schema(
             node_id="InstantCharacterLoadFluxSingleFile",
             display_name="InstantCharacter Load FLUX (single files)",
@@ -139,17 +74,17 @@ class LoadFluxSingleFile(io.ComfyNode):
                         "The model stays cached between runs.",
             inputs=[
                 io.Combo.Input("transformer", options=transformers,
-                               default=_likely(transformers, "flux1-dev", "flux1_dev", "flux-dev", "flux"),
+                               default=folders.likely(transformers, "flux1-dev", "flux1_dev", "flux-dev", "flux"),
                                tooltip="The FLUX.1-dev transformer file in models/diffusion_models (models/unet): "
                                        "flux1-dev.safetensors or an fp8 version (flux1-dev-fp8*.safetensors). "
                                        "FLUX.1-schnell, Fill, Depth and Canny do not work with InstantCharacter."),
-                io.Combo.Input("clip_l", options=encoders, default=_likely(encoders, "clip_l", "clip-l"),
+                io.Combo.Input("clip_l", options=encoders, default=folders.likely(encoders, "clip_l", "clip-l"),
                                tooltip="The CLIP-L text encoder in models/text_encoders (models/clip): "
                                        "clip_l.safetensors."),
-                io.Combo.Input("t5", options=encoders, default=_likely(encoders, "t5xxl", "t5"),
+                io.Combo.Input("t5", options=encoders, default=folders.likely(encoders, "t5xxl", "t5"),
                                tooltip="The T5-XXL text encoder in models/text_encoders (models/clip): "
                                        "t5xxl_fp16.safetensors or t5xxl_fp8_e4m3fn.safetensors (both work)."),
-                io.Combo.Input("vae", options=vaes, default=_likely(vaes, "ae.", "flux"),
+                io.Combo.Input("vae", options=vaes, default=folders.likely(vaes, "ae.", "flux"),
                                tooltip="The FLUX.1 VAE in models/vae: ae.safetensors."),
                 io.Combo.Input("weight_dtype", options=list(DTYPES), default="bf16",
                                tooltip="Precision the model computes in: bf16 (what FLUX was trained in), fp16, or "
@@ -166,11 +101,11 @@ class LoadFluxSingleFile(io.ComfyNode):
 
     @classmethod
     def execute(cls, transformer, clip_l, t5, vae, weight_dtype, fp8_storage) -> io.NodeOutput:
-        from ..instantcharacter.single_file import assemble_flux
+        from ..instantcharacter.files.flux import assemble_flux
 
-        paths = [_file_choice("diffusion_models", transformer), _file_choice("text_encoders", clip_l),
-                 _file_choice("text_encoders", t5), _file_choice("vae", vae)]
-        clip_tokenizer, t5_tokenizer = _comfy_tokenizer_dirs()
+        paths = [folders.file_choice("diffusion_models", transformer), folders.file_choice("text_encoders", clip_l),
+                 folders.file_choice("text_encoders", t5), folders.file_choice("vae", vae)]
+        clip_tokenizer, t5_tokenizer = folders.comfy_tokenizer_dirs()
         dtype = torch_dtype(weight_dtype)
         key = tuple(part for p in paths for part in file_key(p)) + (weight_dtype, fp8_storage)
         flux = MODELS.get("flux", key, lambda: assemble_flux(*paths, clip_tokenizer, t5_tokenizer, dtype,
@@ -193,7 +128,7 @@ class LoadImageEncoders(io.ComfyNode):
                         "also as the single file FLUX Redux uses, sigclip_vision_patch14_384.safetensors).",
             inputs=[
                 io.Combo.Input("siglip", options=sorted(folders.subfolders("clip_vision", ENCODER_TYPES["siglip"]))
-                               + _model_files("clip_vision") + [SIGLIP_DOWNLOAD],
+                               + folders.model_files("clip_vision") + [SIGLIP_DOWNLOAD],
                                tooltip="Folder of google/siglip-so400m-patch14-384 in models/clip_vision (config.json, "
                                        "model.safetensors, preprocessor_config.json), or the single file FLUX Redux "
                                        "uses (sigclip_vision_patch14_384.safetensors; other files, e.g. CLIP vision "
@@ -211,14 +146,14 @@ class LoadImageEncoders(io.ComfyNode):
 
     @classmethod
     def execute(cls, siglip, dinov2, weight_dtype) -> io.NodeOutput:
-        from ..instantcharacter.single_file import load_reference_encoders
+        from ..instantcharacter.files.encoders import load_reference_encoders
 
         siglip_folders = folders.subfolders("clip_vision", ENCODER_TYPES["siglip"])
         if siglip in siglip_folders or siglip.endswith(folders.DOWNLOAD_SUFFIX):
-            siglip_path = _folder_choice(siglip, siglip_folders, hub.SIGLIP, "clip_vision")
+            siglip_path = folders.folder_choice(siglip, siglip_folders, hub.SIGLIP, "clip_vision")
         else:
-            siglip_path = _file_choice("clip_vision", siglip)
-        dino_path = _folder_choice(dinov2, folders.subfolders("clip_vision", ENCODER_TYPES["dinov2"]),
+            siglip_path = folders.file_choice("clip_vision", siglip)
+        dino_path = folders.folder_choice(dinov2, folders.subfolders("clip_vision", ENCODER_TYPES["dinov2"]),
                                    hub.DINOV2, "clip_vision")
         dtype = torch_dtype(weight_dtype)
         key = file_key(siglip_path) + file_key(dino_path) + (weight_dtype,)
@@ -250,15 +185,12 @@ class LoadAdapter(io.ComfyNode):
 
     @classmethod
     def execute(cls, adapter, weight_dtype) -> io.NodeOutput:
-        from ..instantcharacter.adapter import load_adapter
+        from ..instantcharacter.files.adapter_file import load_adapter
 
         if adapter.endswith(folders.DOWNLOAD_SUFFIX):
-            path = _download(hub.ADAPTER, folders.download_target(folders.IPADAPTER))
+            path = folders.download(hub.ADAPTER, folders.download_target(folders.IPADAPTER))
         else:
-            path = folder_paths.get_full_path(folders.IPADAPTER, adapter)
-            if path is None:
-                raise FileNotFoundError(f"{adapter} is not in models/ipadapter any more; refresh (press R) and pick "
-                                        f"another, or choose '{ADAPTER_DOWNLOAD}'.")
+            path = folders.file_choice(folders.IPADAPTER, adapter, ADAPTER_DOWNLOAD)
         dtype = torch_dtype(weight_dtype)
         model = MODELS.get("adapter", file_key(path, weight_dtype), lambda: load_adapter(path, dtype=dtype))
         return io.NodeOutput(model)

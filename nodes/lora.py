@@ -5,6 +5,7 @@ from __future__ import annotations
 import folder_paths
 from comfy_api.latest import io
 
+from . import folders
 from .types import CATEGORY, Flux
 
 
@@ -37,10 +38,6 @@ class StyleLora(io.ComfyNode):
 
     @classmethod
     def execute(cls, flux, lora_name, strength) -> io.NodeOutput:
-        from ..instantcharacter.lora import with_lora
+        from ..instantcharacter.run.lora import with_lora
 
-        path = folder_paths.get_full_path("loras", lora_name)
-        if path is None:
-            raise FileNotFoundError(f"{lora_name} is no longer in the loras folder; refresh the node (press R) and "
-                                    "pick another.")
-        return io.NodeOutput(with_lora(flux, path, strength))
+        return io.NodeOutput(with_lora(flux, folders.file_choice("loras", lora_name), strength))

@@ -42,7 +42,7 @@ class ApplyToModel(io.ComfyNode):
         import comfy.model_patcher
         import comfy.patcher_extension
 
-        from ..instantcharacter.native import CharacterEntry
+        from ..instantcharacter.run.native import CharacterEntry
         from .native_patch import CharacterBlockPatch
 
         if start_percent > end_percent:

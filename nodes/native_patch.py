@@ -13,7 +13,7 @@ import torch
 from comfy.ldm.flux.layers import apply_mod
 from comfy.ldm.flux.math import attention
 
-from ..instantcharacter.native import CharacterEntry
+from ..instantcharacter.run.native import CharacterEntry
 
 
 def _character(entries, layer_index, raw_query, options, weights):

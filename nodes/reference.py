@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..instantcharacter.encoders import parse_weights
-from ..instantcharacter.images import FIT_MODES
+from ..instantcharacter.reference.encoders import parse_weights
+from ..instantcharacter.reference.images import FIT_MODES
+from .devices import encoders_on_device
 from .types import CATEGORY, Character, Encoders
 
 
@@ -48,18 +49,14 @@ class EncodeReference(io.ComfyNode):
 
     @classmethod
     def execute(cls, encoders, image, fit, crop_to_character, margin, weights="", mask=None) -> io.NodeOutput:
-        import comfy.model_management
         import torch
 
-        from ..instantcharacter.images import LOW_RES, pil_to_tensor, prepare_reference, split_batch
+        from ..instantcharacter.reference.images import LOW_RES, pil_to_tensor, prepare_reference, split_batch
 
         pairs = split_batch(image, mask)
         squares = [prepare_reference(p, fit, m, crop_to_character, margin) for p, m in pairs]
-        encoders.to(comfy.model_management.get_torch_device())
-        try:
+        with encoders_on_device(encoders):
             features = encoders.encode_squares(squares, parse_weights(weights, len(squares)))
-        finally:
-            encoders.to("cpu")
         prepared = torch.stack([pil_to_tensor(sq.resize((LOW_RES, LOW_RES))) for sq in squares])
         return io.NodeOutput(features.to("cpu"), prepared)
 
@@ -84,6 +81,6 @@ class BlendCharacters(io.ComfyNode):
 
     @classmethod
     def execute(cls, character_a, character_b, ratio) -> io.NodeOutput:
-        from ..instantcharacter.encoders import ReferenceFeatures
+        from ..instantcharacter.reference.encoders import ReferenceFeatures
 
         return io.NodeOutput(ReferenceFeatures.blend([character_a, character_b], [1 - ratio, ratio]))

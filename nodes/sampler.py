@@ -6,7 +6,7 @@ import logging
 
 from comfy_api.latest import io
 
-from ..instantcharacter.memory import OFFLOAD_MODES
+from ..instantcharacter.run.memory import OFFLOAD_MODES
 from .types import CATEGORY, Adapter, Character, Flux
 
 OOM_HINT = ("Out of GPU memory. Set the sampler's offload to 'budget' with a lower vram_budget_gb (transformer "
@@ -92,7 +92,7 @@ class Sampler(io.ComfyNode):
         import comfy.model_management as mm
         import comfy.utils
 
-        from ..instantcharacter.pipeline import generate
+        from ..instantcharacter.run.pipeline import GenerationSettings, MemorySettings, generate
 
         init = None
         if latent is not None:
@@ -113,14 +113,14 @@ class Sampler(io.ComfyNode):
             mm.throw_exception_if_processing_interrupted()
 
         try:
-            result = generate(flux, adapter, character, prompt, negative_prompt=negative_prompt or None,
-                              true_cfg=true_cfg, width=width, height=height, steps=steps, guidance=guidance,
-                              seed=seed, subject_scale=subject_scale, batch_size=batch_size, init_latents=init,
-                              denoise=denoise, offload=offload, vram_budget_gb=vram_budget_gb, fp8_storage=fp8_storage,
-                              start_percent=start_percent, end_percent=end_percent,
-                              double_blocks_weight=double_blocks_weight, single_blocks_weight=single_blocks_weight,
-                              character_on_negative=character_on_negative, device=mm.get_torch_device(),
-                              step_callback=on_step)
+            settings = GenerationSettings(
+                prompt, negative_prompt=negative_prompt or None, true_cfg=true_cfg, width=width, height=height,
+                steps=steps, guidance=guidance, seed=seed, subject_scale=subject_scale, batch_size=batch_size,
+                denoise=denoise, start_percent=start_percent, end_percent=end_percent,
+                double_blocks_weight=double_blocks_weight, single_blocks_weight=single_blocks_weight,
+                character_on_negative=character_on_negative)
+            memory = MemorySettings(offload, vram_budget_gb, fp8_storage, mm.get_torch_device())
+            result = generate(flux, adapter, character, settings, memory, init_latents=init, step_callback=on_step)
         except mm.OOM_EXCEPTION as err:
             if mm.OOM_EXCEPTION is Exception:
                 raise

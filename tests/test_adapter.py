@@ -4,9 +4,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from instantcharacter.adapter import InstantCharacterAdapter, attach, load_adapter, save_adapter
+from instantcharacter.files.adapter_file import load_adapter, save_adapter
+from instantcharacter.model.adapter import InstantCharacterAdapter, attach
 from instantcharacter.errors import AdapterFileError
-from instantcharacter.testing import write_tiny_adapter
+from instantcharacter.testing.tiny import write_tiny_adapter
 
 KEYS_FILE = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "instantcharacter_ip-adapter.keys.json"
 

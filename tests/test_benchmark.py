@@ -18,7 +18,7 @@ def test_full_size_configs_build_the_published_models():
     from transformers import (CLIPTextConfig, CLIPTextModel, Dinov2Config, Dinov2Model, SiglipVisionConfig,
                               SiglipVisionModel, T5Config, T5EncoderModel)
 
-    from instantcharacter.adapter import InstantCharacterAdapter
+    from instantcharacter.model.adapter import InstantCharacterAdapter
 
     cfg = bench.configs(small=False)
     with torch.device("meta"):

@@ -7,10 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from instantcharacter.consistency import consistency_scores
-from instantcharacter.encoders import ReferenceFeatures
+from instantcharacter.reference.consistency import consistency_scores
+from instantcharacter.reference.encoders import ReferenceFeatures
 from instantcharacter.errors import InputError
-from instantcharacter.images import character_box, prepare_reference
+from instantcharacter.reference.images import character_box, prepare_reference
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 

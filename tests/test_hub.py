@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from hub_standin import HubStandin, unreachable_endpoint
-from instantcharacter import hub
+from instantcharacter.files import hub
 from instantcharacter.errors import DownloadError
 
 FLUX = hub.FLUX_DEV.repo_id
@@ -354,7 +354,7 @@ def test_guard_stops_requests_to_the_real_hub(tmp_path, isolated_hf):
 
 
 def test_a_download_that_gets_nothing_leaves_no_folder(tmp_path):
-    from instantcharacter import hub
+    from instantcharacter.files import hub
 
     dest = tmp_path / "unet" / "FLUX.1-dev"
     with unreachable_endpoint() as url, pytest.raises(hub.DownloadError):

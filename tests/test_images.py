@@ -4,7 +4,7 @@ import torch
 from PIL import Image
 
 from instantcharacter.errors import InputError
-from instantcharacter.images import (
+from instantcharacter.reference.images import (
     apply_mask, fit_square, pil_to_tensor, reference_views, split_batch, tensor_to_pil, to_rgb,
 )
 

@@ -8,9 +8,10 @@ import torch
 from safetensors.torch import save_file
 
 from instantcharacter.errors import InputError, LoraFileError
-from instantcharacter.lora import FluxWithLoras, StyleLoras, clear_cache, read_lora, with_lora
-from instantcharacter.pipeline import generate
-from instantcharacter.testing_lora import LORA_FORMATS, diffusers_deltas, tiny_lora_layers, write_tiny_lora
+from instantcharacter.files.lora_file import clear_cache, read_lora
+from instantcharacter.run.lora import FluxWithLoras, StyleLoras, with_lora
+from instantcharacter.testing.lora import LORA_FORMATS, diffusers_deltas, tiny_lora_layers, write_tiny_lora
+from generation import run as run_generation
 
 
 @pytest.fixture(scope="module")
@@ -161,14 +162,14 @@ def test_cache_reads_a_file_once_until_it_changes(lora_files, tmp_path):
 
 
 def _generate(flux, adapter=None, features=None, **kw):
-    return generate(flux, adapter, features, "a girl", width=64, height=64, steps=2, seed=3,
+    return run_generation(flux, adapter, features, "a girl", width=64, height=64, steps=2, seed=3,
                     max_sequence_length=32, decode=False, **kw).latents
 
 
 def _streaming_budget(flux):
     """A VRAM budget (GB) that keeps about a third of the tiny transformer's blocks resident and streams the rest."""
-    from instantcharacter.memory import GIB, Placement, model_sizes
-    from instantcharacter.streaming import module_bytes
+    from instantcharacter.run.memory import GIB, Placement, model_sizes
+    from instantcharacter.run.streaming import module_bytes
 
     t = flux.transformer
     sizes = model_sizes(flux, None)
@@ -327,7 +328,7 @@ def test_foreign_adapters_are_refused(tiny_flux, lora_files):
 
 def test_lora_layers_travel_with_their_blocks(tiny_flux, lora_files, modes):
     """Applied before the streamer is built, the LoRA weights are streamed (and stored) with their block's."""
-    from instantcharacter.memory import Placement
+    from instantcharacter.run.memory import Placement
 
     t = tiny_flux.transformer
     before = _snapshot(t)

@@ -4,9 +4,9 @@ import pytest
 import torch
 from PIL import Image
 
-from instantcharacter.memory import GIB, Placement, choose_offload, model_sizes
-from instantcharacter.pipeline import generate
-from instantcharacter.streaming import BlockStreamer, module_bytes, plan_residency
+from instantcharacter.run.memory import GIB, Placement, choose_offload, model_sizes
+from instantcharacter.run.streaming import BlockStreamer, module_bytes, plan_residency
+from generation import run as run_generation
 
 
 def test_plan_residency_extremes_and_spread():
@@ -38,7 +38,7 @@ def features(tiny_encoders):
 
 
 def _run(flux, adapter, features, **kw):
-    return generate(flux, adapter, features, "a girl", width=64, height=64, steps=2, seed=3,
+    return run_generation(flux, adapter, features, "a girl", width=64, height=64, steps=2, seed=3,
                     max_sequence_length=32, decode=False, **kw).latents
 
 
@@ -132,7 +132,7 @@ def test_cuda_streaming_overlaps_and_matches(tiny_flux, tiny_adapter, features):
 
 
 def test_decode_plan_follows_the_budget(tiny_flux, tiny_adapter):
-    from instantcharacter.memory import vae_decode_bytes
+    from instantcharacter.run.memory import vae_decode_bytes
 
     one_image = vae_decode_bytes(128, 128, torch.bfloat16)  # 1024²: ComfyUI's estimate, ≈ 4.3 GiB
     assert 4 * GIB < one_image < 5 * GIB
@@ -146,7 +146,7 @@ def test_decode_plan_follows_the_budget(tiny_flux, tiny_adapter):
 
 
 def test_decode_per_image_and_tiled_match_batch(tiny_flux):
-    from instantcharacter.pipeline import decode_latents
+    from instantcharacter.run.pipeline import decode_latents
 
     vae = tiny_flux.vae
     z = torch.randn(2, 16, 32, 24, generator=torch.Generator().manual_seed(5))
@@ -164,10 +164,10 @@ def test_decode_per_image_and_tiled_match_batch(tiny_flux):
 
 
 def test_generation_reports_its_placement(tiny_flux, tiny_adapter, features):
-    out = generate(tiny_flux, tiny_adapter, features, "a girl", width=64, height=64, steps=2, seed=3,
+    out = run_generation(tiny_flux, tiny_adapter, features, "a girl", width=64, height=64, steps=2, seed=3,
                    max_sequence_length=32, offload="sequential")
     assert out.offload == "sequential" and out.decode == "tiled" and out.bytes_streamed == 0  # CPU: nothing moves
-    off = generate(tiny_flux, tiny_adapter, features, "a girl", width=64, height=64, steps=2, seed=3,
+    off = run_generation(tiny_flux, tiny_adapter, features, "a girl", width=64, height=64, steps=2, seed=3,
                    max_sequence_length=32, offload="auto")
     assert off.offload.startswith("off (not a CUDA device") and off.decode == "batch"
     # one 64² image fits in one tile: the tiled decode is the plain one
@@ -175,10 +175,11 @@ def test_generation_reports_its_placement(tiny_flux, tiny_adapter, features):
 
 
 def test_t5_streams_when_it_does_not_fit_and_gives_the_same_embeddings(tiny_flux, tiny_adapter):
-    from instantcharacter.pipeline import _encode_prompts
+    from instantcharacter.run.pipeline import GenerationSettings, _encode_prompts
 
     t5 = tiny_flux.text_encoder_2
-    reference = _encode_prompts(tiny_flux, "a girl in a red coat", None, 1, "cpu", 32)[0]
+    settings = GenerationSettings("a girl in a red coat", max_sequence_length=32)
+    reference = _encode_prompts(tiny_flux, settings, "cpu")[0]
     snapshot = [(p, p.data_ptr(), p.data.clone()) for p in t5.parameters()]
     seen = []
     probe = t5.encoder.block[1].register_forward_pre_hook(lambda m, a: seen.append(len(m._forward_pre_hooks)))
@@ -187,13 +188,13 @@ def test_t5_streams_when_it_does_not_fit_and_gives_the_same_embeddings(tiny_flux
         for mode, budget in (("budget", 0.01), ("sequential", None)):
             placement = Placement(tiny_flux, tiny_adapter, mode, "cpu", budget_gb=budget)
             with placement.text_encoders():
-                got = _encode_prompts(tiny_flux, "a girl in a red coat", None, 1, "cpu", 32)[0]
+                got = _encode_prompts(tiny_flux, settings, "cpu")[0]
             placement.restore()
             for a, b in zip(got, reference):
                 assert torch.equal(a, b)
         big = Placement(tiny_flux, tiny_adapter, "budget", "cpu", budget_gb=40.0)  # fits: T5 visits whole
         with big.text_encoders():
-            _encode_prompts(tiny_flux, "a girl", None, 1, "cpu", 32)
+            _encode_prompts(tiny_flux, GenerationSettings("a girl", max_sequence_length=32), "cpu")
     finally:
         probe.remove()
     assert seen == [2, 2, 1]

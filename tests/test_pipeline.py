@@ -6,9 +6,10 @@ import pytest
 import torch
 from PIL import Image
 
-from instantcharacter.adapter import attach
+from instantcharacter.model.adapter import attach
 from instantcharacter.errors import InputError
-from instantcharacter.pipeline import character_tokens, flux_schedule, generate
+from instantcharacter.run.pipeline import character_tokens, flux_schedule
+from generation import run as run_generation
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
@@ -120,7 +121,7 @@ def test_per_layer_scale_override(tiny_flux, tiny_adapter, features):
 def _run(flux, adapter, features, **kw):
     args = dict(width=64, height=64, steps=3, seed=7, max_sequence_length=32)
     args.update(kw)
-    return generate(flux, adapter, features, "a girl in a red coat", **args)
+    return run_generation(flux, adapter, features, "a girl in a red coat", **args)
 
 
 def test_same_seed_same_latents_and_shapes(tiny_flux, tiny_adapter, features):

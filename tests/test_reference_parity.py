@@ -61,7 +61,7 @@ def subject():
 
 
 def test_latents_match_the_official_pipeline(reference_pipe, subject, tiny_flux, tiny_encoders, tiny_adapter):
-    from instantcharacter.pipeline import generate
+    from instantcharacter.run.pipeline import GenerationSettings, generate
 
     packed = reference_pipe(prompt=PROMPT, height=SIZE, width=SIZE, num_inference_steps=STEPS, guidance_scale=3.5,
                             generator=torch.Generator("cpu").manual_seed(SEED), subject_image=subject,
@@ -71,8 +71,9 @@ def test_latents_match_the_official_pipeline(reference_pipe, subject, tiny_flux,
     theirs = theirs / vae.scaling_factor + vae.shift_factor
 
     features = tiny_encoders.encode([subject], fit="stretch")
-    ours = generate(tiny_flux, tiny_adapter, features, PROMPT, width=SIZE, height=SIZE, steps=STEPS, seed=SEED,
-                    subject_scale=SCALE, max_sequence_length=32, decode=False).latents
+    settings = GenerationSettings(PROMPT, width=SIZE, height=SIZE, steps=STEPS, seed=SEED, subject_scale=SCALE,
+                                  max_sequence_length=32, decode=False)
+    ours = generate(tiny_flux, tiny_adapter, features, settings).latents
     diff = (ours - theirs).abs().max().item()
     print(f"\nparity: max |latents ours - official| = {diff:.3e} (latent std {theirs.std().item():.3f})")
     assert diff <= 1e-4
@@ -99,7 +100,7 @@ def test_projector_tokens_match(reference_pipe, subject, tiny_encoders, tiny_ada
 
 
 def test_one_transformer_call_matches(reference_pipe, tiny_flux, tiny_adapter):
-    from instantcharacter.adapter import attach
+    from instantcharacter.model.adapter import attach
 
     g = torch.Generator().manual_seed(5)
     cfg = tiny_flux.transformer.config

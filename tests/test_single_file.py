@@ -11,10 +11,14 @@ import torch
 from PIL import Image
 
 from instantcharacter.errors import InstantCharacterError, ModelFolderError
-from instantcharacter.pipeline import generate, load_flux
-from instantcharacter.single_file import (TensorDict, assemble_flux, bfl_sources, describe, load_flux_transformer,
-                                          load_reference_encoders, load_siglip_vision, read_source)
-from instantcharacter.testing_single_file import (write_lookalikes, write_random_bfl_flux, write_siglip_file,
+from instantcharacter.files.building import read_source
+from instantcharacter.files.checkpoint import TensorDict
+from instantcharacter.files.encoders import load_reference_encoders
+from instantcharacter.files.flux import assemble_flux, load_flux
+from instantcharacter.files.identify import describe
+from instantcharacter.files.single_file import bfl_sources, load_flux_transformer, load_siglip_vision
+from generation import run as run_generation
+from instantcharacter.testing.single_file import (write_lookalikes, write_random_bfl_flux, write_siglip_file,
                                                   write_single_file_twins, write_t5_file)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,8 +114,8 @@ def test_assembled_pipeline_holds_the_folder_weights(assembled, folder_flux):
 
 def test_same_seed_same_latents_as_the_folder_pipeline(assembled, folder_flux, tiny_adapter, features):
     for adapter, feats in ((None, None), (tiny_adapter, features)):
-        ours = generate(assembled, adapter, feats, PROMPT, **RUN)
-        ref = generate(folder_flux, adapter, feats, PROMPT, **RUN)
+        ours = run_generation(assembled, adapter, feats, PROMPT, **RUN)
+        ref = run_generation(folder_flux, adapter, feats, PROMPT, **RUN)
         assert torch.equal(ours.latents, ref.latents)
         assert torch.equal(ours.images, ref.images)
 
@@ -143,18 +147,18 @@ def test_fp8_files_stay_fp8_and_compute_like_their_upcast(twins):
         assert flux.transformer.x_embedder.weight.dtype == torch.float32 and flux.transformer.dtype == torch.float32
         t5_ff = flux.text_encoder_2.encoder.block[0].layer[1].DenseReluDense
         assert t5_ff.wi_0.weight.dtype == torch.float8_e4m3fn and t5_ff.wo.weight.dtype == torch.float32
-    reference = generate(upcast, None, None, PROMPT, **RUN).latents
-    assert torch.equal(generate(stored, None, None, PROMPT, **RUN).latents, reference)
+    reference = run_generation(upcast, None, None, PROMPT, **RUN).latents
+    assert torch.equal(run_generation(stored, None, None, PROMPT, **RUN).latents, reference)
     # the block streamer's fp8 path takes the stored fp8 weights as they are
-    assert torch.equal(generate(stored, None, None, PROMPT, fp8_storage=True, **RUN).latents, reference)
+    assert torch.equal(run_generation(stored, None, None, PROMPT, fp8_storage=True, **RUN).latents, reference)
     assert stored.transformer.transformer_blocks[0].attn.to_q.weight.dtype == torch.float8_e4m3fn
 
 
 def test_fp8_storage_of_a_bf16_file_equals_the_samplers_fp8_storage(twins, assembled):
     flux = _assemble(twins)
     flux.transformer = load_flux_transformer(twins["transformer"], torch.float32, fp8_storage=True)
-    ours = generate(flux, None, None, PROMPT, **RUN).latents
-    theirs = generate(assembled, None, None, PROMPT, fp8_storage=True, **RUN).latents
+    ours = run_generation(flux, None, None, PROMPT, **RUN).latents
+    theirs = run_generation(assembled, None, None, PROMPT, fp8_storage=True, **RUN).latents
     assert torch.equal(ours, theirs)
 
 
@@ -172,17 +176,17 @@ def test_scaled_fp8_is_descaled_or_keeps_its_scale(twins, assembled):
     q = kept.transformer.transformer_blocks[0].attn.to_q
     assert q.weight.dtype == torch.float8_e4m3fn and q.weight.float().abs().max() > 100 and q.weight_scale > 0
     assert kept.text_encoder_2.encoder.block[0].layer[0].SelfAttention.q.weight_scale > 0
-    plain = generate(descaled, None, None, PROMPT, **RUN).latents
-    ours = generate(kept, None, None, PROMPT, **RUN).latents
+    plain = run_generation(descaled, None, None, PROMPT, **RUN).latents
+    ours = run_generation(kept, None, None, PROMPT, **RUN).latents
     torch.testing.assert_close(ours, plain, atol=1e-4, rtol=1e-4)
-    assert torch.equal(generate(kept, None, None, PROMPT, fp8_storage=True, **RUN).latents, ours)
+    assert torch.equal(run_generation(kept, None, None, PROMPT, fp8_storage=True, **RUN).latents, ours)
 
 
 MEASURE = r"""
 import json, sys, threading, time
 import accelerate, diffusers, safetensors, torch
 from diffusers import FluxTransformer2DModel
-from instantcharacter.single_file import load_flux_transformer
+from instantcharacter.files.single_file import load_flux_transformer
 
 def anon():  # allocated memory; the file's own pages are memory-mapped (RssFile), not copies
     with open("/proc/self/status") as f:
@@ -332,8 +336,8 @@ def test_bfl_writer_matches_the_hand_written_layout(tmp_path):
     from diffusers import FluxTransformer2DModel
     from safetensors import safe_open
 
-    from instantcharacter.single_file import load_flux_transformer
-    from instantcharacter.testing_single_file import bfl_flux_state_dict, write_flux_file
+    from instantcharacter.files.single_file import load_flux_transformer
+    from instantcharacter.testing.single_file import bfl_flux_state_dict, write_flux_file
 
     torch.manual_seed(0)
     model = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=2, num_single_layers=2,

@@ -40,10 +40,10 @@ def write_full_width_flux_vae(path: Path, seed: int = 0) -> Path:
 def host_models(tmp_path_factory):
     if comfyui_dir() is None:
         pytest.skip(SKIP_REASON)
-    from instantcharacter.testing import write_tiny_models
+    from instantcharacter.testing.tiny import write_tiny_models
 
     root = tmp_path_factory.mktemp("host_models")
-    from instantcharacter.testing_lora import write_tiny_lora
+    from instantcharacter.testing.lora import write_tiny_lora
 
     write_tiny_models(root)
     write_full_width_flux_vae(root / "vae" / "ae.safetensors")

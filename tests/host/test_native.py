@@ -50,7 +50,7 @@ def pack(comfy):
 
 @pytest.fixture(scope="module")
 def comfy_flux(comfy, tiny_flux):
-    from instantcharacter.testing_single_file import bfl_flux_state_dict
+    from instantcharacter.testing.single_file import bfl_flux_state_dict
 
     model = _comfy_twin(tiny_flux.transformer, torch.float32, comfy.ops.disable_weight_init)
     missing, unexpected = model.load_state_dict(bfl_flux_state_dict(tiny_flux.transformer), strict=False)
@@ -113,7 +113,7 @@ def _comfy_call(comfy_flux, x, ctx, pooled, sigma, patches, cond_or_uncond=None)
 
 
 def _diffusers_call(flux, adapter, features, x, ctx, pooled, sigma, scale):
-    from instantcharacter.adapter import attach
+    from instantcharacter.model.adapter import attach
 
     t = flux.transformer
     b, _, h, w = x.shape
@@ -130,7 +130,7 @@ def _diffusers_call(flux, adapter, features, x, ctx, pooled, sigma, scale):
 
 
 def test_one_model_call_matches_the_pipeline_path(pack, comfy_flux, tiny_flux, tiny_adapter, features):
-    from instantcharacter.native import CharacterEntry
+    from instantcharacter.run.native import CharacterEntry
 
     x, ctx, pooled = _inputs(tiny_flux)
     entry = CharacterEntry(tiny_adapter, features, 0.9)
@@ -144,7 +144,7 @@ def test_one_model_call_matches_the_pipeline_path(pack, comfy_flux, tiny_flux, t
 
 
 def test_a_few_euler_steps_match(pack, comfy_flux, tiny_flux, tiny_adapter, features):
-    from instantcharacter.native import CharacterEntry
+    from instantcharacter.run.native import CharacterEntry
 
     x0, ctx, pooled = _inputs(tiny_flux, batch=1)
     sigmas = [1.0, 0.75, 0.5, 0.25, 0.0]
@@ -160,7 +160,7 @@ def test_a_few_euler_steps_match(pack, comfy_flux, tiny_flux, tiny_adapter, feat
 
 
 def test_weight_zero_and_outside_the_window_are_exactly_unpatched(pack, comfy_flux, tiny_flux, tiny_adapter, features):
-    from instantcharacter.native import CharacterEntry
+    from instantcharacter.run.native import CharacterEntry
 
     x, ctx, pooled = _inputs(tiny_flux)
     plain = _comfy_call(comfy_flux, x, ctx, pooled, 0.6, {})
@@ -173,7 +173,7 @@ def test_weight_zero_and_outside_the_window_are_exactly_unpatched(pack, comfy_fl
 
 
 def test_negative_pass_can_be_left_alone(pack, comfy_flux, tiny_flux, tiny_adapter, features):
-    from instantcharacter.native import CharacterEntry
+    from instantcharacter.run.native import CharacterEntry
 
     x, ctx, pooled = _inputs(tiny_flux)  # batch 2 = [cond, uncond]
     plain = _comfy_call(comfy_flux, x, ctx, pooled, 0.6, {}, [0, 1])
@@ -184,7 +184,7 @@ def test_negative_pass_can_be_left_alone(pack, comfy_flux, tiny_flux, tiny_adapt
 
 
 def test_two_characters_compose_and_foreign_patches_are_kept(pack, comfy_flux, tiny_flux, tiny_adapter, features):
-    from instantcharacter.native import CharacterEntry
+    from instantcharacter.run.native import CharacterEntry
 
     x, ctx, pooled = _inputs(tiny_flux)
     a = CharacterEntry(tiny_adapter, features, 0.5)
@@ -239,9 +239,9 @@ def test_fp8_model_through_comfyuis_manual_cast(pack, comfy, tiny_flux, tiny_ada
 
     from safetensors.torch import save_file
 
-    from instantcharacter.native import CharacterEntry
-    from instantcharacter.single_file import load_flux_transformer
-    from instantcharacter.testing_single_file import bfl_flux_state_dict
+    from instantcharacter.run.native import CharacterEntry
+    from instantcharacter.files.single_file import load_flux_transformer
+    from instantcharacter.testing.single_file import bfl_flux_state_dict
 
     model = _comfy_twin(tiny_flux.transformer, torch.float8_e4m3fn, comfy.ops.manual_cast)
     model.load_state_dict(bfl_flux_state_dict(tiny_flux.transformer))  # rounds every weight to fp8

@@ -22,7 +22,7 @@ def single_files(host_models):
     """Tiny single files whose text encoders fit ComfyUI's own tokenizers, next to the host test models."""
     from transformers import SiglipVisionModel
 
-    from instantcharacter.testing_single_file import write_comfyui_text_encoders, write_siglip_file
+    from instantcharacter.testing.single_file import write_comfyui_text_encoders, write_siglip_file
 
     files = write_comfyui_text_encoders(host_models)
     siglip = SiglipVisionModel.from_pretrained(host_models / "clip_vision" / "siglip-so400m-patch14-384")
@@ -110,7 +110,7 @@ print(json.dumps(out))
 
 def test_the_bfl_conversion_agrees_with_comfyuis_key_map():
     """At the real FLUX.1-dev size, our BFL → diffusers sources equal ComfyUI's own flux_to_diffusers map."""
-    from instantcharacter.single_file import bfl_sources
+    from instantcharacter.files.single_file import bfl_sources
 
     python = os.environ.get("COMFYUI_PYTHON", sys.executable)
     out = subprocess.run([python, "-c", COMFY_KEY_MAP, str(comfyui_dir())], capture_output=True, text=True,

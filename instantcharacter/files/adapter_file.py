@@ -1,25 +1,25 @@
-"""Loading the published adapter checkpoint and attaching it to a diffusers FLUX transformer.
+"""Reading and writing the published adapter checkpoint.
 
 The checkpoint (``instantcharacter_ip-adapter.bin``, or the same tensors as ``.safetensors`` with keys
 prefixed ``image_proj.`` / ``ip_adapter.``) holds the projector and one character-attention module per
 FLUX attention layer. Every size is read from the tensors, so tiny test checkpoints use the same code.
+Loading is strict: a file that is another model, or misses or adds a key, is refused with a message that
+says what it looks like.
 """
 
 from __future__ import annotations
 
 import os
-import pickle
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from .attention import IP_HEAD_DIM, CharacterAttentionLayer, CharacterContext, CharacterFluxAttnProcessor
-from .errors import AdapterFileError
-from .projector import PUBLISHED_PROJECTOR, CharacterProjector, ProjectorConfig
+from ..errors import AdapterFileError
+from ..model.adapter import InstantCharacterAdapter
+from ..model.attention import IP_HEAD_DIM
+from ..model.projector import ProjectorConfig
+from .checkpoint import CheckpointReadError, read_checkpoint, short_error
 
-PUBLISHED_NUM_LAYERS = 19 + 38
-PUBLISHED_HIDDEN_SIZE = 3072
 EXPECTED = (
     "an InstantCharacter adapter (instantcharacter_ip-adapter.bin from Tencent/InstantCharacter, 5.59 GB, "
     "holding 'image_proj' with cross_layer_blocks/cross_scale_blocks/resampler and 'ip_adapter' with 57 "
@@ -27,66 +27,25 @@ EXPECTED = (
 )
 
 
-class InstantCharacterAdapter(nn.Module):
-    """The projector (``image_proj``) and the per-layer character attention (``ip_adapter``)."""
-
-    def __init__(
-        self,
-        projector: ProjectorConfig = PUBLISHED_PROJECTOR,
-        num_layers: int = PUBLISHED_NUM_LAYERS,
-        hidden_size: int = PUBLISHED_HIDDEN_SIZE,
-    ):
-        super().__init__()
-        self.image_proj = CharacterProjector(projector)
-        self.ip_adapter = nn.ModuleList(
-            CharacterAttentionLayer(hidden_size, projector.token_dim) for _ in range(num_layers)
-        )
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.ip_adapter)
-
-    @property
-    def hidden_size(self) -> int:
-        return self.ip_adapter[0].to_k_ip.out_features
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.ip_adapter[0].to_k_ip.weight.dtype
-
-
-def _read_tensors(path: Path) -> dict:
+def _read(path: Path) -> dict:
     if not path.is_file():
         raise AdapterFileError(f"Adapter file not found: {path}. Expected {EXPECTED}.")
     if path.stat().st_size == 0:
         raise AdapterFileError(f"{path.name} is an empty file (0 bytes): the download or copy failed. "
                                f"Delete it and download {EXPECTED} again.")
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as err:
-            if "mmap" not in str(err):
-                raise
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        if "weights_only" in str(err) or "Unsupported global" in str(err):
+        raw, _ = read_checkpoint(path, mmap=True)
+    except CheckpointReadError as err:
+        if err.unsafe:
             raise AdapterFileError(
                 f"{path.name} contains pickled Python objects other than tensors, so it is not loaded "
                 f"(only plain tensor checkpoints are safe to open). Expected {EXPECTED}."
             ) from err
-        raise AdapterFileError(_corrupt(path, err)) from err
-    except Exception as err:  # zip, EOF, OS and safetensors' own errors all mean a damaged file
-        raise AdapterFileError(_corrupt(path, err)) from err
-
-
-def _corrupt(path: Path, err: Exception) -> str:
-    size = path.stat().st_size
-    return (f"{path.name} ({size:,} bytes) could not be read: it looks truncated or corrupt ({type(err).__name__}: "
-            f"{str(err)[:200]}). The published file is 5.59 GB; delete it and download it again.")
+        size = path.stat().st_size
+        raise AdapterFileError(
+            f"{path.name} ({size:,} bytes) could not be read: it looks truncated or corrupt ({err.cause.__class__.__name__}: "
+            f"{short_error(err.cause)}). The published file is 5.59 GB; delete it and download it again.") from err
+    return raw
 
 
 def _split_groups(raw: dict) -> tuple[dict, dict]:
@@ -154,7 +113,7 @@ def load_adapter(path: str | os.PathLike, dtype: torch.dtype | None = None,
                  device: torch.device | str = "cpu") -> InstantCharacterAdapter:
     """Load and validate an adapter checkpoint (strict: any missing or unexpected key is an error)."""
     path = Path(path)
-    raw = _read_tensors(path)
+    raw = _read(path)
     if not isinstance(raw, dict):
         raise AdapterFileError(f"{path.name} holds a {type(raw).__name__}, not a checkpoint dict. Expected {EXPECTED}.")
     foreign = describe_foreign_checkpoint(raw)
@@ -197,48 +156,3 @@ def save_adapter(adapter: InstantCharacterAdapter, path: str | os.PathLike) -> N
         "ip_adapter": {k[len("ip_adapter."):]: v for k, v in sd.items() if k.startswith("ip_adapter.")},
     }
     torch.save(nested, path)
-
-
-class CharacterAttachment:
-    """Character attention attached to a diffusers FLUX transformer; ``detach()`` restores it exactly."""
-
-    def __init__(self, transformer, adapter: InstantCharacterAdapter):
-        processors = transformer.attn_processors
-        if len(processors) != adapter.num_layers:
-            raise AdapterFileError(
-                f"The adapter has {adapter.num_layers} character-attention layers but this FLUX transformer has "
-                f"{len(processors)} attention layers: the adapter was made for another model (FLUX.1-dev has 57)."
-            )
-        inner = transformer.config.num_attention_heads * transformer.config.attention_head_dim
-        if inner != adapter.hidden_size:
-            raise AdapterFileError(
-                f"The adapter's layers are {adapter.hidden_size} wide but this FLUX transformer is {inner} wide: "
-                f"the adapter was made for another model."
-            )
-        self.transformer = transformer
-        self.context = CharacterContext()
-        self._previous = dict(processors)
-        transformer.set_attn_processor(
-            {name: CharacterFluxAttnProcessor(layer, i, self.context)
-             for i, (name, layer) in enumerate(zip(processors, adapter.ip_adapter))}
-        )
-
-    @property
-    def attached(self) -> bool:
-        return self._previous is not None
-
-    def detach(self) -> None:
-        if self._previous is not None:
-            self.transformer.set_attn_processor(self._previous)
-            self._previous = None
-
-    def __enter__(self) -> "CharacterAttachment":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.detach()
-
-
-def attach(transformer, adapter: InstantCharacterAdapter) -> CharacterAttachment:
-    """Install character attention on every attention layer of ``transformer`` (double, then single blocks)."""
-    return CharacterAttachment(transformer, adapter)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .testing import FLUX_HEAD_DIM, FLUX_TINY_DOUBLE, FLUX_TINY_HEADS, FLUX_TINY_SINGLE, T5_TINY_DIM
+from .tiny import FLUX_HEAD_DIM, FLUX_TINY_DOUBLE, FLUX_TINY_HEADS, FLUX_TINY_SINGLE, T5_TINY_DIM
 
 LORA_FORMATS = ("kohya", "comfyui", "bfl", "xlabs", "diffusers")
 HIDDEN = FLUX_TINY_HEADS * FLUX_HEAD_DIM

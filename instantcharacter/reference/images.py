@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import InputError
+from ..errors import InputError
 
 FitMode = Literal["stretch", "pad", "crop"]
 FIT_MODES: tuple[str, ...] = ("stretch", "pad", "crop")

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from .adapter import InstantCharacterAdapter
-from .encoders import ReferenceFeatures
+from ..model.adapter import InstantCharacterAdapter
+from ..reference.encoders import ReferenceFeatures
 
 MAX_CACHED_SIGMAS = 256
 

@@ -15,8 +15,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-FP8 = getattr(torch, "float8_e4m3fn", None)
-
 
 def module_bytes(modules, dtype: torch.dtype | None = None) -> int:
     total = 0

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .errors import DownloadError
+from ..errors import DownloadError
+from .checkpoint import short_error
 
 
 @dataclass(frozen=True)
@@ -131,7 +132,7 @@ def _snapshot(model: HubModel, dest: Path, tqdm_class, endpoint: str | None) -> 
         ) from err
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as err:
         raise DownloadError(
-            f"Could not download {model.repo_id} ({type(err).__name__}: {_short(err)}). Check the internet "
+            f"Could not download {model.repo_id} ({type(err).__name__}: {short_error(err, 239)}). Check the internet "
             f"connection and run again (files already downloaded are kept), {_manual_hint(model, dest)}."
         ) from err
 
@@ -150,11 +151,6 @@ def _check_complete(model: HubModel, dest: Path) -> Path:
                             f"{', '.join(missing[:3])}); check the internet connection and run again (files already "
                             f"downloaded are kept), {_manual_hint(model, dest)}.")
     return dest
-
-
-def _short(err: Exception, limit: int = 240) -> str:
-    text = " ".join(str(err).split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _status(err) -> str:

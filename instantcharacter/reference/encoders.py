@@ -1,17 +1,15 @@
-"""SigLIP so400m-384 and DINOv2-giant: loading from Hugging Face-format folders and reference features."""
+"""SigLIP so400m-384 and DINOv2-giant turn reference pictures into the features the adapter reads
+(loading them: :mod:`..files.encoders`)."""
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from .errors import InputError, ModelFolderError
+from ..errors import InputError
 from .images import LOW_RES, prepare_reference, reference_views
 
 SIGLIP_SHALLOW_LAYERS = (7, 13, 26)
@@ -67,39 +65,6 @@ def parse_weights(text: str, count: int) -> list[float] | None:
     return weights
 
 
-def _model_type(folder: Path) -> str:
-    config = folder / "config.json"
-    if not config.is_file():
-        raise ModelFolderError(f"{folder} has no config.json: it is not a Hugging Face model folder.")
-    data = json.loads(config.read_text())
-    return data.get("model_type", "")
-
-
-def _has_weights(folder: Path) -> bool:
-    return any(folder.glob("*.safetensors")) or any(folder.glob("*.bin"))
-
-
-def _normalisation(folder: Path, default) -> tuple[torch.Tensor, torch.Tensor]:
-    path = folder / "preprocessor_config.json"
-    mean, std = default
-    if path.is_file():
-        data = json.loads(path.read_text())
-        mean, std = data.get("image_mean", mean), data.get("image_std", std)
-    return torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
-
-
-def _check_folder(folder: Path, role: str, expected_types: tuple[str, ...], described: str) -> None:
-    if not folder.is_dir():
-        raise ModelFolderError(f"The {role} folder {folder} does not exist. Expected {described}.")
-    kind = _model_type(folder)
-    if kind not in expected_types:
-        raise ModelFolderError(
-            f"{folder.name} holds a '{kind or 'unknown'}' model, but the {role} slot needs {described}."
-        )
-    if not _has_weights(folder):
-        raise ModelFolderError(f"{folder} has no weights (*.safetensors): the download is incomplete.")
-
-
 class ReferenceEncoders:
     """The two vision encoders and their input normalisation."""
 
@@ -108,26 +73,6 @@ class ReferenceEncoders:
         self.dino = dino
         self.siglip_norm = siglip_norm
         self.dino_norm = dino_norm
-
-    @classmethod
-    def load(cls, siglip_dir: str | os.PathLike, dino_dir: str | os.PathLike,
-             dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> "ReferenceEncoders":
-        from transformers import Dinov2Model, SiglipVisionModel
-
-        siglip_dir, dino_dir = Path(siglip_dir), Path(dino_dir)
-        _check_folder(siglip_dir, "SigLIP", ("siglip", "siglip_vision_model"),
-                      "google/siglip-so400m-patch14-384")
-        _check_folder(dino_dir, "DINOv2", ("dinov2",), "facebook/dinov2-giant")
-        siglip = SiglipVisionModel.from_pretrained(siglip_dir, dtype=dtype).to(device).eval()
-        dino = Dinov2Model.from_pretrained(dino_dir, dtype=dtype).to(device).eval()
-        got = (siglip.config.num_hidden_layers, dino.config.num_hidden_layers)
-        if got != (SIGLIP_LAYERS, DINO_LAYERS):
-            raise ModelFolderError(
-                f"The encoders have {got[0]} (SigLIP) and {got[1]} (DINOv2) layers; InstantCharacter needs "
-                f"SigLIP so400m-patch14-384 ({SIGLIP_LAYERS}) and DINOv2-giant ({DINO_LAYERS})."
-            )
-        return cls(siglip, dino, _normalisation(siglip_dir, SIGLIP_DEFAULT_NORM),
-                   _normalisation(dino_dir, DINO_DEFAULT_NORM))
 
     @property
     def feature_dim(self) -> int:

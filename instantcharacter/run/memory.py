@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .streaming import FP8, BlockStreamer, module_bytes, plan_residency
+from ..files.checkpoint import FP8
+from .streaming import BlockStreamer, module_bytes, plan_residency
 
 OFFLOAD_MODES = ("auto", "off", "budget", "sequential")
 GIB = 2**30

@@ -43,7 +43,7 @@ _WORDS = ("a an the of and in on at with girl boy woman man cat dog red blue gre
           "smiling wearing holding under over night day sky river mountain").split()
 
 
-def _randomize(module: torch.nn.Module, seed: int, std: float = 0.02) -> None:
+def randomize(module: torch.nn.Module, seed: int, std: float = 0.02) -> None:
     """Small random weights; norm scales near 1 so activations keep their size."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -132,42 +132,60 @@ def write_t5_tokenizer(folder: Path, seed: int = 0) -> int:
 
 # --- FLUX ----------------------------------------------------------------------------------------------------
 
+def tiny_flux_transformer(seed: int = 0):
+    """The tiny FLUX.1-dev transformer (fp32, random): heads of 128, every test model's FLUX."""
+    from diffusers import FluxTransformer2DModel
+
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=FLUX_TINY_DOUBLE, num_single_layers=FLUX_TINY_SINGLE,
+        attention_head_dim=FLUX_HEAD_DIM, num_attention_heads=FLUX_TINY_HEADS, joint_attention_dim=T5_TINY_DIM,
+        pooled_projection_dim=CLIP_TINY_DIM, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+    randomize(transformer, seed + 3)
+    return transformer
+
+
+def tiny_clip_text(vocab: int, seed: int = 0, heads: int = 2):
+    """A tiny CLIP-L text tower for a tokenizer of ``vocab`` tokens (start/end tokens last, as in CLIP's)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    clip = CLIPTextModel(CLIPTextConfig(
+        vocab_size=vocab, hidden_size=CLIP_TINY_DIM, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=heads, max_position_embeddings=77, projection_dim=CLIP_TINY_DIM,
+        bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1))
+    randomize(clip, seed + 1)
+    return clip
+
+
+def tiny_t5(vocab: int, seed: int = 0):
+    """A tiny T5 v1.1 encoder (gated GELU) for a tokenizer of ``vocab`` tokens."""
+    from transformers import T5Config, T5EncoderModel
+
+    t5 = T5EncoderModel(T5Config(vocab_size=vocab, d_model=T5_TINY_DIM, d_kv=16, d_ff=64, num_layers=2,
+                                 num_heads=2, relative_attention_num_buckets=8, feed_forward_proj="gated-gelu",
+                                 is_encoder_decoder=False, use_cache=False))
+    randomize(t5, seed + 2)
+    return t5
+
+
 def write_tiny_flux(path: str | os.PathLike, seed: int = 0) -> Path:
     """A diffusers FLUX.1-dev folder with tiny random weights (see module docstring)."""
-    from diffusers import AutoencoderKL, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    from diffusers import AutoencoderKL
 
     path = Path(path)
     clip_vocab = write_clip_tokenizer(path / "tokenizer")
     t5_vocab = write_t5_tokenizer(path / "tokenizer_2", seed)
     _write_json(path / "scheduler" / "scheduler_config.json", FLUX_SCHEDULER_CONFIG)
 
-    clip = CLIPTextModel(CLIPTextConfig(
-        vocab_size=clip_vocab, hidden_size=CLIP_TINY_DIM, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=2, max_position_embeddings=77, projection_dim=CLIP_TINY_DIM,
-        bos_token_id=clip_vocab - 2, eos_token_id=clip_vocab - 1, pad_token_id=clip_vocab - 1))
-    _randomize(clip, seed + 1)
-    clip.to(torch.bfloat16).save_pretrained(path / "text_encoder")
-
-    t5 = T5EncoderModel(T5Config(vocab_size=t5_vocab, d_model=T5_TINY_DIM, d_kv=16, d_ff=64, num_layers=2,
-                                 num_heads=2, relative_attention_num_buckets=8, feed_forward_proj="gated-gelu",
-                                 is_encoder_decoder=False, use_cache=False))
-    _randomize(t5, seed + 2)
-    t5.to(torch.bfloat16).save_pretrained(path / "text_encoder_2", max_shard_size="20KB")
-
-    transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=64, num_layers=FLUX_TINY_DOUBLE, num_single_layers=FLUX_TINY_SINGLE,
-        attention_head_dim=FLUX_HEAD_DIM, num_attention_heads=FLUX_TINY_HEADS, joint_attention_dim=T5_TINY_DIM,
-        pooled_projection_dim=CLIP_TINY_DIM, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
-    _randomize(transformer, seed + 3)
-    transformer.to(torch.bfloat16).save_pretrained(path / "transformer", max_shard_size="4MB")
+    tiny_clip_text(clip_vocab, seed).to(torch.bfloat16).save_pretrained(path / "text_encoder")
+    tiny_t5(t5_vocab, seed).to(torch.bfloat16).save_pretrained(path / "text_encoder_2", max_shard_size="20KB")
+    tiny_flux_transformer(seed).to(torch.bfloat16).save_pretrained(path / "transformer", max_shard_size="4MB")
 
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 16, 16, 16),
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
         layers_per_block=1, norm_num_groups=4, sample_size=1024, scaling_factor=0.3611, shift_factor=0.1159,
         use_quant_conv=False, use_post_quant_conv=False, force_upcast=True)
-    _randomize(vae, seed + 4, std=0.1)
+    randomize(vae, seed + 4, std=0.1)
     vae.to(torch.bfloat16).save_pretrained(path / "vae")
 
     _write_json(path / "model_index.json", {
@@ -195,7 +213,7 @@ def write_tiny_siglip(path: str | os.PathLike, seed: int = 0) -> Path:
                          vocab_size=64, max_position_embeddings=64, bos_token_id=1, eos_token_id=2,
                          pad_token_id=1))
     model = SiglipModel(config)
-    _randomize(model, seed + 10, std=0.05)
+    randomize(model, seed + 10, std=0.05)
     model.save_pretrained(path)
     _write_json(path / "preprocessor_config.json", {
         "do_normalize": True, "do_rescale": True, "do_resize": True, "image_mean": [0.5, 0.5, 0.5],
@@ -213,7 +231,7 @@ def write_tiny_dinov2(path: str | os.PathLike, seed: int = 0) -> Path:
     config = Dinov2Config(hidden_size=DINO_TINY_WIDTH, num_hidden_layers=40, num_attention_heads=2, mlp_ratio=2,
                           patch_size=14, image_size=518, use_swiglu_ffn=True, layerscale_value=1.0)
     model = Dinov2Model(config)
-    _randomize(model, seed + 20, std=0.05)
+    randomize(model, seed + 20, std=0.05)
     model.save_pretrained(path)
     _write_json(path / "preprocessor_config.json", {
         "crop_size": {"height": 224, "width": 224}, "do_center_crop": True, "do_convert_rgb": True,
@@ -226,7 +244,7 @@ def write_tiny_dinov2(path: str | os.PathLike, seed: int = 0) -> Path:
 # --- adapter -------------------------------------------------------------------------------------------------
 
 def tiny_adapter_config():
-    from .projector import ProjectorConfig
+    from ..model.projector import ProjectorConfig
 
     feature = SIGLIP_TINY_WIDTH + DINO_TINY_WIDTH
     return ProjectorConfig(feature_dim=feature, num_blocks=4, ff_inner_dim=4 * feature, mlp_hidden_dim=2 * feature,
@@ -238,12 +256,13 @@ def tiny_adapter_config():
 def write_tiny_adapter(path: str | os.PathLike, seed: int = 0) -> Path:
     """An adapter checkpoint with the published key names at tiny shapes, for the tiny FLUX above.
     ``.bin``: the published nested pickle; ``.safetensors``: the same tensors, flat."""
-    from .adapter import InstantCharacterAdapter, save_adapter
+    from ..files.adapter_file import save_adapter
+    from ..model.adapter import InstantCharacterAdapter
 
     path = Path(path)
     adapter = InstantCharacterAdapter(tiny_adapter_config(), FLUX_TINY_DOUBLE + FLUX_TINY_SINGLE,
                                        FLUX_TINY_HEADS * FLUX_HEAD_DIM)
-    _randomize(adapter, seed + 30, std=0.05)
+    randomize(adapter, seed + 30, std=0.05)
     with torch.no_grad():
         adapter.image_proj.resampler.latents.normal_(0, 1, generator=torch.Generator().manual_seed(seed + 31))
     path.parent.mkdir(parents=True, exist_ok=True)

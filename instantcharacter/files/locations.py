@@ -27,7 +27,7 @@ def default_models_dir() -> Path:
     env = os.environ.get("COMFYUI_MODELS_DIR")
     if env:
         return Path(env)
-    pack = Path(__file__).resolve().parents[1]
+    pack = Path(__file__).resolve().parents[2]
     if pack.parent.name == "custom_nodes" and (pack.parents[1] / "models").is_dir():
         return pack.parents[1] / "models"
     return Path("models")

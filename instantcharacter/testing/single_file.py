@@ -27,10 +27,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .testing import (CLIP_TINY_DIM, FLUX_HEAD_DIM, FLUX_TINY_DOUBLE, FLUX_TINY_HEADS, FLUX_TINY_SINGLE,
-                      T5_TINY_DIM, _randomize, write_tiny_flux, write_tiny_siglip)
-
-FP8 = getattr(torch, "float8_e4m3fn", None)
+from ..files.checkpoint import FP8
+from .tiny import (CLIP_TINY_DIM, FLUX_HEAD_DIM, tiny_clip_text, tiny_flux_transformer, tiny_t5, write_tiny_flux,
+                   write_tiny_siglip)
 
 
 def _save(tensors: dict[str, torch.Tensor], path: Path) -> Path:
@@ -65,7 +64,7 @@ def bfl_flux_state_dict(transformer) -> dict[str, torch.Tensor]:
     """The BFL (``flux1-dev.safetensors``) state dict of a diffusers ``FluxTransformer2DModel``: the loader's
     key table (:func:`single_file.bfl_sources`) run backwards. The host tests check the result against
     ComfyUI's own FLUX key map, and :func:`write_random_bfl_flux` writes the same keys and shapes by hand."""
-    from .single_file import bfl_sources
+    from ..files.single_file import bfl_sources
 
     sd = transformer.state_dict()
     table = bfl_sources("", transformer.inner_dim, len(transformer.transformer_blocks),
@@ -260,24 +259,11 @@ def write_comfyui_text_encoders(root: str | os.PathLike, seed: int = 0) -> dict[
     """Tiny ``clip_l.safetensors`` and ``t5xxl_fp16.safetensors`` whose vocabularies fit ComfyUI's own
     tokenizers (49408 CLIP tokens, 32128 T5 rows), at the ``testing`` tiny widths, and a tiny
     ``flux1-dev.safetensors`` that reads them (for host tests, where the tokenizers come from ComfyUI)."""
-    from diffusers import FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
-
     root = Path(root)
-    clip = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=CLIP_TINY_DIM, intermediate_size=64,
-                                        num_hidden_layers=2, num_attention_heads=max(1, CLIP_TINY_DIM // 64),
-                                        max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
-                                        pad_token_id=49407))
-    _randomize(clip, seed + 1)
-    t5 = T5EncoderModel(T5Config(vocab_size=32128, d_model=T5_TINY_DIM, d_kv=16, d_ff=64, num_layers=2, num_heads=2,
-                                 relative_attention_num_buckets=8, feed_forward_proj="gated-gelu",
-                                 is_encoder_decoder=False, use_cache=False))
-    _randomize(t5, seed + 2)
-    transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=64, num_layers=FLUX_TINY_DOUBLE, num_single_layers=FLUX_TINY_SINGLE,
-        attention_head_dim=FLUX_HEAD_DIM, num_attention_heads=FLUX_TINY_HEADS, joint_attention_dim=T5_TINY_DIM,
-        pooled_projection_dim=CLIP_TINY_DIM, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
-    _randomize(transformer, seed + 3)
+    # 49408 = 49406 tokens + start + end, the ids CLIP's own tokenizer gives them
+    clip = tiny_clip_text(49408, seed, heads=max(1, CLIP_TINY_DIM // 64))
+    t5 = tiny_t5(32128, seed)
+    transformer = tiny_flux_transformer(seed)
     return {
         "transformer": write_flux_file(transformer, root / "unet" / "flux1-dev-tiny.safetensors"),
         "transformer_fp8": write_flux_file(transformer, root / "unet" / "flux1-dev-tiny-fp8.safetensors", "fp8"),
