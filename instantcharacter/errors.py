@@ -23,3 +23,8 @@ class InputError(InstantCharacterError, ValueError):
 
 class LoraFileError(InstantCharacterError, ValueError):
     """A style LoRA file is missing, unreadable, or not a LoRA for FLUX.1."""
+
+
+class UnsupportedModelError(InstantCharacterError, TypeError):
+    """A MODEL is not FLUX.1-dev as InstantCharacter needs it, or ComfyUI's FLUX blocks are not built as this
+    pack expects; the message names what differs."""

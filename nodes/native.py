@@ -4,9 +4,24 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
+from .native_patch import WRAPPER_KEY
 from .types import CATEGORY, Adapter, Character
 
-WRAPPER_KEY = "instantcharacter"
+ADAPTER_PATCHER = "_instantcharacter_comfy_patcher"
+
+
+def adapter_patcher(adapter):
+    """The one ModelPatcher of a loaded adapter, made on first use and kept with the adapter, so every Apply that
+    uses it (and every run) is the same model to ComfyUI's memory management: counted once, loaded once."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+
+    patcher = adapter.__dict__.get(ADAPTER_PATCHER)
+    if patcher is None:
+        patcher = comfy.model_patcher.ModelPatcher(adapter, load_device=mm.get_torch_device(),
+                                                   offload_device=mm.unet_offload_device())
+        adapter.__dict__[ADAPTER_PATCHER] = patcher
+    return patcher
 
 
 class ApplyToModel(io.ComfyNode):
@@ -18,7 +33,8 @@ class ApplyToModel(io.ComfyNode):
             category=CATEGORY,
             description="Adds the character to ComfyUI's own FLUX.1-dev MODEL (from Load Diffusion Model, GGUF or "
                         "fp8 loaders, after LoRA loaders) and returns a patched copy for the stock KSampler. The "
-                        "input MODEL is not changed. Two Apply nodes in a row add up.",
+                        "input MODEL is not changed. Two Apply nodes in a row add up; give each a mask to put two "
+                        "characters in one picture.",
             inputs=[
                 io.Model.Input("model", tooltip="A FLUX.1-dev MODEL."),
                 Adapter.Input("adapter", tooltip="From InstantCharacter Load Adapter."),
@@ -30,59 +46,53 @@ class ApplyToModel(io.ComfyNode):
                 io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Where it stops (1 = last step)."),
                 io.Boolean.Input("apply_to_negative", default=True,
-                                 tooltip="Also apply the character on the negative (uncond) pass when CFG > 1, as the "
+                                 tooltip="Also apply the character on the negative pass when CFG > 1, as the "
                                          "official true-CFG pipeline does. Off makes the character stronger."),
+                io.Mask.Input("mask", optional=True,
+                              tooltip="Optional: the part of the picture this character belongs to (white = here; "
+                                      "soft edges are kept). Without a mask it acts on the whole picture. Where "
+                                      "two characters' masks overlap they share the strength."),
             ],
             outputs=[io.Model.Output(display_name="model", tooltip="The patched MODEL")],
         )
 
     @classmethod
-    def execute(cls, model, adapter, character, weight, start_percent, end_percent, apply_to_negative) -> io.NodeOutput:
-        import comfy.model_management as mm
-        import comfy.model_patcher
-        import comfy.patcher_extension
+    def execute(cls, model, adapter, character, weight, start_percent, end_percent, apply_to_negative,
+                mask=None) -> io.NodeOutput:
+        import comfy.patcher_extension as ext
 
-        from ..instantcharacter.run.native import CharacterEntry
-        from .native_patch import CharacterBlockPatch
+        from ..instantcharacter.run.native import CharacterEntry, CharacterSet
+        from .native_patch import (CharacterBlockPatch, check_flux_model, diffusion_model_wrapper,
+                                   outer_sample_wrapper)
 
         if start_percent > end_percent:
             raise ValueError(f"start_percent ({start_percent}) is after end_percent ({end_percent}).")
         diffusion = model.get_model_object("diffusion_model")
-        if not (hasattr(diffusion, "double_blocks") and hasattr(diffusion, "single_blocks")):
-            raise ValueError(f"InstantCharacter Apply needs a FLUX MODEL; this one is a {type(diffusion).__name__}.")
-        n_double, n_single = len(diffusion.double_blocks), len(diffusion.single_blocks)
-        if n_double + n_single != adapter.num_layers or diffusion.hidden_size != adapter.hidden_size:
-            raise ValueError(
-                f"The adapter was made for FLUX.1-dev ({adapter.num_layers} layers of {adapter.hidden_size}); this "
-                f"MODEL has {n_double}+{n_single} blocks of {diffusion.hidden_size} (not FLUX.1-dev?).")
+        check_flux_model(diffusion, adapter)
         sampling = model.get_model_object("model_sampling")
-        entry = CharacterEntry(adapter, character, weight, sampling.percent_to_sigma(start_percent),
-                               sampling.percent_to_sigma(end_percent), apply_to_negative)
+        entry = CharacterEntry(adapter, character, weight, start_percent, end_percent, apply_to_negative, mask,
+                               sigma_start=sampling.percent_to_sigma(start_percent),
+                               sigma_end=sampling.percent_to_sigma(end_percent))
 
         patched = model.clone()
         existing = patched.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
-        shared: dict = {}
-        for kind, blocks, offset in (("double", diffusion.double_blocks, 0), ("single", diffusion.single_blocks, n_double)):
-            for i, block in enumerate(blocks):
-                key = (f"{kind}_block", i)
-                before = existing.get(key)
-                if isinstance(before, CharacterBlockPatch):
-                    patch = before.extended(entry)
+        ours = [p for p in existing.values() if isinstance(p, CharacterBlockPatch)]
+        characters = ours[0].characters.with_entry(entry) if ours else CharacterSet((entry,))
+        n_double = len(diffusion.double_blocks)
+        for kind, count, offset in (("double", n_double, 0), ("single", len(diffusion.single_blocks), n_double)):
+            for i in range(count):
+                before = existing.get((f"{kind}_block", i))
+                if isinstance(before, CharacterBlockPatch):  # ours from an earlier Apply: this set replaces it
+                    patch = CharacterBlockPatch(kind, i, offset + i, characters, before.previous)
+                    patch.foreign = list(before.foreign)
                 else:
-                    patch = CharacterBlockPatch(kind, i, block, offset + i, [entry], before, shared)
+                    patch = CharacterBlockPatch(kind, i, offset + i, characters, before)
                 patched.set_model_patch_replace(patch, "dit", f"{kind}_block", i)
 
-        # the adapter's weights live in a ModelPatcher of their own, loaded and offloaded with the model
-        adapter_patcher = comfy.model_patcher.ModelPatcher(adapter, load_device=mm.get_torch_device(),
-                                                           offload_device=mm.unet_offload_device())
-        patched.set_additional_models(f"{WRAPPER_KEY}_{id(entry)}", [adapter_patcher])
-
-        def per_run(executor, *args, **kwargs):
-            entry.reset()
-            try:
-                return executor(*args, **kwargs)
-            finally:
-                entry.reset()
-
-        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, per_run)
+        # the wrappers of an earlier Apply came with the clone: this MODEL's set replaces them
+        for kind, make in ((ext.WrappersMP.DIFFUSION_MODEL, diffusion_model_wrapper),
+                           (ext.WrappersMP.OUTER_SAMPLE, outer_sample_wrapper)):
+            patched.remove_wrappers_with_key(kind, WRAPPER_KEY)
+            patched.add_wrapper_with_key(kind, WRAPPER_KEY, make(characters))
+        patched.set_additional_models(f"{WRAPPER_KEY}_adapter_{id(adapter)}", [adapter_patcher(adapter)])
         return io.NodeOutput(patched)

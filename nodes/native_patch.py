@@ -1,129 +1,242 @@
-"""The native path: character attention inside ComfyUI's own FLUX blocks, as "dit" block-replace patches.
+"""The native path: the character added to ComfyUI's own FLUX blocks, which run unchanged.
 
-The character attention must be added to the image part of a block's attention output *before* the
-block's output projection, which no ComfyUI hook exposes, so the patch runs the block's forward itself with
-the block's own modules (their casting and low-VRAM handling included), mirroring
-``comfy/ldm/flux/layers.py`` step for step, and adds the character where the official processor does. With
-no active character it calls the original block, so the output is exactly the unpatched one.
+Each block gets a "dit" replace patch that calls the block ComfyUI hands it (``original_block``) and, only
+while that call runs, two module hooks: one reads the raw image query from the output of the block's fused
+qkv projection (double blocks: ``img_attn.qkv``; single blocks: the q part of ``linear1`` on the image rows),
+the other adds the character attention to the input of the block's output projection (``img_attn.proj``;
+the attention part of ``linear2``'s input on the image rows). That is where the official processor adds it:
+to the image part of the attention output, before the output projection. With no active character the
+original block runs without hooks, so the output is exactly the unpatched one.
+
+Per-call state (sigma, negative rows, text length, the generated-token grid) comes from one
+``DIFFUSION_MODEL`` wrapper; per-run state (the schedule window in sigmas, which conditioning is negative)
+from one ``OUTER_SAMPLE`` wrapper. Blocks therefore work the same whatever a caller passes in
+``transformer_options`` (TeaCache-style callers pass none, PuLID-Flux-ll passes them in the second dict).
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
-from comfy.ldm.flux.layers import apply_mod
-from comfy.ldm.flux.math import attention
 
-from ..instantcharacter.run.native import CharacterEntry
+from ..instantcharacter.errors import UnsupportedModelError
+from ..instantcharacter.model.attention import IP_HEAD_DIM
+from ..instantcharacter.run.native import CallState, CharacterSet
 
+log = logging.getLogger(__name__)
 
-def _character(entries, layer_index, raw_query, options, weights):
-    """Sum of every active entry's character attention for one layer, [B, L_img, hidden]."""
-    total = None
-    for entry, rows in zip(entries, weights):
-        out = entry.attention(layer_index, raw_query, options) * rows.to(raw_query)[:, None, None]
-        total = out if total is None else total + out
-    return total
+WRAPPER_KEY = "instantcharacter"
+NOT_FLUX = ("InstantCharacter Apply works on a FLUX.1-dev MODEL (Load Diffusion Model, a GGUF or fp8 loader); "
+            "this one {}.")
 
 
-def double_block(block, args, entries, weights, layer_index):
-    img, txt, vec, pe = args["img"], args["txt"], args["vec"], args["pe"]
-    attn_mask, options = args.get("attn_mask"), args.get("transformer_options", {})
-    img_mod1, img_mod2 = block.img_mod(vec)
-    txt_mod1, txt_mod2 = block.txt_mod(vec)
-
-    img_modulated = apply_mod(block.img_norm1(img), (1 + img_mod1.scale), img_mod1.shift, None)
-    img_qkv = block.img_attn.qkv(img_modulated)
-    img_q, img_k, img_v = img_qkv.view(img_qkv.shape[0], img_qkv.shape[1], 3, block.num_heads, -1).permute(2, 0, 3, 1, 4)
-    img_q, img_k = block.img_attn.norm(img_q, img_k, img_v)
-
-    txt_modulated = apply_mod(block.txt_norm1(txt), (1 + txt_mod1.scale), txt_mod1.shift, None)
-    txt_qkv = block.txt_attn.qkv(txt_modulated)
-    txt_q, txt_k, txt_v = txt_qkv.view(txt_qkv.shape[0], txt_qkv.shape[1], 3, block.num_heads, -1).permute(2, 0, 3, 1, 4)
-    txt_q, txt_k = block.txt_attn.norm(txt_q, txt_k, txt_v)
-
-    if block.flipped_img_txt:
-        attn = attention(torch.cat((img_q, txt_q), dim=2), torch.cat((img_k, txt_k), dim=2),
-                         torch.cat((img_v, txt_v), dim=2), pe=pe, mask=attn_mask, transformer_options=options)
-        img_attn, txt_attn = attn[:, : img.shape[1]], attn[:, img.shape[1]:]
-    else:
-        attn = attention(torch.cat((txt_q, img_q), dim=2), torch.cat((txt_k, img_k), dim=2),
-                         torch.cat((txt_v, img_v), dim=2), pe=pe, mask=attn_mask, transformer_options=options)
-        txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1]:]
-
-    # the raw image query: the q third of the fused qkv projection, before q-norm and RoPE
-    raw_query = img_qkv[..., : block.hidden_size]
-    img_attn = img_attn + _character(entries, layer_index, raw_query, options, weights).to(img_attn.dtype)
-
-    img = img + apply_mod(block.img_attn.proj(img_attn), img_mod1.gate, None, None)
-    img = img + apply_mod(block.img_mlp(apply_mod(block.img_norm2(img), (1 + img_mod2.scale), img_mod2.shift, None)),
-                          img_mod2.gate, None, None)
-    txt += apply_mod(block.txt_attn.proj(txt_attn), txt_mod1.gate, None, None)
-    txt += apply_mod(block.txt_mlp(apply_mod(block.txt_norm2(txt), (1 + txt_mod2.scale), txt_mod2.shift, None)),
-                     txt_mod2.gate, None, None)
-    if txt.dtype == torch.float16:
-        txt = torch.nan_to_num(txt, nan=0.0, posinf=65504, neginf=-65504)
-    return {"img": img, "txt": txt}
+def _out_features(module) -> int | None:
+    weight = getattr(module, "weight", None)
+    if getattr(module, "out_features", None) is not None:
+        return module.out_features
+    return weight.shape[0] if isinstance(weight, torch.Tensor) and weight.ndim == 2 else None
 
 
-def single_block(block, args, entries, weights, layer_index, text_len):
-    x, vec, pe = args["img"], args["vec"], args["pe"]
-    attn_mask, options = args.get("attn_mask"), args.get("transformer_options", {})
-    mod, _ = block.modulation(vec)
-    qkv, mlp = torch.split(block.linear1(apply_mod(block.pre_norm(x), (1 + mod.scale), mod.shift, None)),
-                           [3 * block.hidden_size, block.mlp_hidden_dim], dim=-1)
-    q, k, v = qkv.view(qkv.shape[0], qkv.shape[1], 3, block.num_heads, -1).permute(2, 0, 3, 1, 4)
-    q, k = block.norm(q, k, v)
-    attn = attention(q, k, v, pe=pe, mask=attn_mask, transformer_options=options)
+def check_flux_model(diffusion, adapter) -> None:
+    """Raise :class:`UnsupportedModelError` unless ``diffusion`` is a FLUX.1 model whose blocks have the modules
+    the hooks use, at the adapter's sizes. Run at Apply time, so a wrong MODEL fails before sampling."""
+    name = type(diffusion).__name__
+    doubles, singles = getattr(diffusion, "double_blocks", None), getattr(diffusion, "single_blocks", None)
+    if doubles is None or singles is None:
+        raise UnsupportedModelError(NOT_FLUX.format(f"is a {name} (no FLUX double/single blocks: SDXL, SD3 or "
+                                                    "another family?)"))
+    if len(doubles) + len(singles) != adapter.num_layers or getattr(diffusion, "hidden_size", None) != adapter.hidden_size:
+        raise UnsupportedModelError(NOT_FLUX.format(
+            f"has {len(doubles)}+{len(singles)} blocks of width {getattr(diffusion, 'hidden_size', '?')}, but the "
+            f"adapter was made for {adapter.num_layers} layers of {adapter.hidden_size} (FLUX.1-dev: 19+38 of 3072)"))
+    hidden = adapter.hidden_size
+    for i, block in enumerate(doubles):
+        attn = getattr(block, "img_attn", None)
+        problem = None
+        if attn is None or not hasattr(attn, "qkv") or not hasattr(attn, "proj"):
+            problem = "has no img_attn.qkv / img_attn.proj"
+        elif getattr(block, "img_mod", None) is None:
+            problem = "has no per-block modulation (a Chroma or FLUX.2-style model)"
+        elif _out_features(attn.qkv) not in (None, 3 * hidden):
+            problem = f"has a qkv projection of {_out_features(attn.qkv)} features, not {3 * hidden}"
+        elif getattr(block, "num_heads", hidden // IP_HEAD_DIM) * IP_HEAD_DIM != hidden:
+            problem = f"has heads of {hidden // block.num_heads}, not {IP_HEAD_DIM}"
+        if problem:
+            raise UnsupportedModelError(NOT_FLUX.format(f"is a {name} whose double block {i} {problem}") +
+                                        _version_hint())
+    for i, block in enumerate(singles):
+        problem = None
+        if not hasattr(block, "linear1") or not hasattr(block, "linear2"):
+            problem = "has no linear1 / linear2"
+        elif getattr(block, "modulation", None) is None:
+            problem = "has no per-block modulation (a Chroma or FLUX.2-style model)"
+        else:
+            mlp = getattr(block, "mlp_hidden_dim_first", getattr(block, "mlp_hidden_dim", None))
+            out = _out_features(block.linear1)
+            if mlp is not None and out not in (None, 3 * hidden + mlp):
+                problem = f"has a linear1 of {out} features, not {3 * hidden + mlp}"
+        if problem:
+            raise UnsupportedModelError(NOT_FLUX.format(f"is a {name} whose single block {i} {problem}") +
+                                        _version_hint())
 
-    # [text ; image] in single blocks: the character acts on the image positions only
-    raw_query = qkv[:, text_len:, : block.hidden_size]
-    extra = _character(entries, layer_index, raw_query, options, weights).to(attn.dtype)
-    attn = torch.cat((attn[:, :text_len], attn[:, text_len:] + extra), dim=1)
 
-    output = block.linear2(torch.cat((attn, block.mlp_act(mlp)), 2))
-    x += apply_mod(output, mod.gate, None, None)
-    if x.dtype == torch.float16:
-        x = torch.nan_to_num(x, nan=0.0, posinf=65504, neginf=-65504)
-    return {"img": x}
+def _version_hint() -> str:
+    return (" If this is FLUX.1-dev, this ComfyUI builds its FLUX blocks differently from the versions "
+            "InstantCharacter is tested on (see the README); please report it with your ComfyUI version.")
+
+
+def _add_rows(x: torch.Tensor, delta: torch.Tensor, first: int, hidden: int) -> None:
+    """Add ``delta`` to rows ``first:first + len`` and channels ``:hidden`` of ``x``, in place.
+
+    In place on purpose: ``x`` is the block's own attention output (or its concatenation with the MLP branch),
+    used for nothing but this projection, and keeping its memory layout keeps the projection's arithmetic
+    exactly as without the character for rows whose weight is 0 (the negative pass, a masked-out region)."""
+    x[:, first:first + delta.shape[1], :hidden] += delta.to(x.dtype)
 
 
 class CharacterBlockPatch:
-    """A "dit" replace patch for one double or single block. It holds every character applied to the model
-    (two Apply nodes in a row add up) and the replace patch that was there before, which it wraps."""
+    """The "dit" replace patch of one double or single block. It holds the characters of the patched MODEL
+    (shared by all its blocks and its wrappers) and the replace patch that was there before, which it wraps.
 
-    def __init__(self, kind: str, index: int, block, layer_index: int, entries: list[CharacterEntry],
-                 previous=None, text_len_source: dict | None = None):
-        self.kind, self.index, self.block, self.layer_index = kind, index, block, layer_index
-        self.entries = entries
+    ``add(callback, **kwargs)`` is the protocol PuLID-Flux-ll uses to stack its own callbacks on whatever patch
+    holds a block: they run on the block's output as PuLID's own patch would run them."""
+
+    def __init__(self, kind: str, index: int, layer_index: int, characters: CharacterSet, previous=None):
+        self.kind, self.index, self.layer_index = kind, index, layer_index
+        self.characters = characters
         self.previous = previous
-        self.text_len_source = text_len_source if text_len_source is not None else {}
-
-    def extended(self, entry: CharacterEntry) -> "CharacterBlockPatch":
-        return CharacterBlockPatch(self.kind, self.index, self.block, self.layer_index, self.entries + [entry],
-                                   self.previous, self.text_len_source)
+        self.foreign: list[tuple] = []
 
     def __deepcopy__(self, memo):
-        # ComfyUI deep-copies model_options on clone(); the modules and adapters here are shared, not copied.
-        return CharacterBlockPatch(self.kind, self.index, self.block, self.layer_index, list(self.entries),
-                                   self.previous, self.text_len_source)
+        # ComfyUI 0.3.x deep-copies model_options on clone(): keep sharing the characters, copy the stack
+        patch = CharacterBlockPatch(self.kind, self.index, self.layer_index, self.characters, self.previous)
+        patch.foreign = list(self.foreign)
+        return patch
+
+    def add(self, callback, **kwargs) -> None:
+        self.foreign.append((callback, kwargs))
 
     def __call__(self, args, extra):
-        original = extra["original_block"]
-        options = args.get("transformer_options", {})
-        batch = args["img"].shape[0]
+        call = self.characters.call
+        inner = extra["original_block"]
+        active = self.characters.active(call) if call is not None else []
+        if active:
+            inner = self._with_character(inner, call, active)
+        out = self.previous(args, {**extra, "original_block": inner}) if self.previous is not None else inner(args)
+        if self.foreign:
+            out = self._run_foreign(args, extra, out, call)
+        return out
+
+    def _modules(self, model):
+        blocks = model.double_blocks if self.kind == "double" else model.single_blocks
+        block = blocks[self.index]
         if self.kind == "double":
-            # single blocks see [text ; image]; remember the text length of this forward for them
-            self.text_len_source["text_len"] = args["txt"].shape[1]
-        active = [(e, w) for e in self.entries if (w := e.row_weights(options, batch)) is not None]
+            return block.img_attn.qkv, block.img_attn.proj
+        return block.linear1, block.linear2
 
-        def with_character(block_args):
-            entries, weights = [e for e, _ in active], [w for _, w in active]
-            if self.kind == "double":
-                return double_block(self.block, block_args, entries, weights, self.layer_index)
-            return single_block(self.block, block_args, entries, weights, self.layer_index,
-                                self.text_len_source["text_len"])
+    def _with_character(self, inner, call: CallState, active):
+        characters, layer_index = self.characters, self.layer_index
+        hidden = active[0][0].adapter.hidden_size
 
-        inner = with_character if active else original
-        if self.previous is not None:
-            return self.previous(args, {**extra, "original_block": inner})
-        return inner(args)
+        def run(block_args):
+            query_module, output_module = self._modules(characters.model)
+            # double blocks see the image stream alone; single blocks see [text ; image]
+            first = 0 if self.kind == "double" else block_args["img"].shape[1] - call.image_tokens
+            rows = call.generated
+            box = {}
+
+            def after_qkv(module, inputs, output):
+                box["delta"] = characters.delta(layer_index, output[:, first:first + rows, :hidden], call, active)
+
+            def before_output(module, inputs):
+                if "delta" not in box:
+                    raise UnsupportedModelError(
+                        f"ComfyUI's FLUX {self.kind} block {self.index} did not run its qkv projection before its "
+                        f"output projection, so the character cannot be added." + _version_hint())
+                _add_rows(inputs[0], box.pop("delta"), first, hidden)
+
+            handles = [query_module.register_forward_hook(after_qkv),
+                       output_module.register_forward_pre_hook(before_output)]
+            try:
+                out = inner(block_args)
+            finally:
+                for handle in handles:
+                    handle.remove()
+            if "delta" in box:
+                raise UnsupportedModelError(f"ComfyUI's FLUX {self.kind} block {self.index} never called its output "
+                                            "projection, so the character was not added." + _version_hint())
+            return out
+
+        return run
+
+    def _run_foreign(self, args, extra, out, call: CallState | None):
+        options = extra.get("transformer_options") or args.get("transformer_options") or {}
+        if call is not None:
+            sigma = call.sigma
+        elif options.get("sigmas") is not None:
+            sigma = float(torch.as_tensor(options["sigmas"]).flatten()[0])
+        else:
+            log.warning("InstantCharacter: a stacked %s patch was skipped: no sigma for this call", self.kind)
+            return out
+        img = out["img"]
+        text = 0 if self.kind == "double" else (img.shape[1] - call.image_tokens if call is not None else 0)
+        base = img[:, text:]
+        result = base
+        for callback, kwargs in self.foreign:
+            if kwargs.get("sigma_start", float("inf")) >= sigma >= kwargs.get("sigma_end", float("-inf")):
+                rest = {k: v for k, v in kwargs.items() if k not in ("sigma_start", "sigma_end")}
+                result = result + callback(base, **rest, transformer_options=options)
+        out = dict(out)
+        out["img"] = result if text == 0 else torch.cat((img[:, :text], result), dim=1)
+        return out
+
+
+def call_state(characters: CharacterSet, model, x, timestep, context, ref_latents, options) -> CallState:
+    """What one model call tells the characters (one host sync: the sigma)."""
+    patch = getattr(model, "patch_size", 2)
+
+    def tokens(latent):
+        return ((latent.shape[-2] + patch // 2) // patch), ((latent.shape[-1] + patch // 2) // patch)
+
+    grid = tokens(x)
+    references = sum(h * w for h, w in map(tokens, ref_latents or []))
+    sigma = float(torch.as_tensor(timestep).flatten()[0])
+    negative = characters.negative_rows(x.shape[0], options.get("cond_or_uncond"), options.get("uuids"))
+    return CallState(sigma=sigma, negative_rows=negative, text_len=context.shape[1], grid=grid,
+                     image_tokens=grid[0] * grid[1] + references, device=x.device)
+
+
+def diffusion_model_wrapper(characters: CharacterSet):
+    """A ``DIFFUSION_MODEL`` wrapper that gives every block of this model call the call's state."""
+
+    def wrapper(executor, x, timestep, context, y=None, guidance=None, ref_latents=None, control=None,
+                transformer_options=None, **kwargs):
+        options = transformer_options or {}
+        previous = characters.call, getattr(characters, "model", None)
+        characters.model = executor.class_obj
+        characters.call = call_state(characters, executor.class_obj, x, timestep, context, ref_latents, options)
+        try:
+            return executor(x, timestep, context, y, guidance, ref_latents, control, transformer_options, **kwargs)
+        finally:
+            characters.call, characters.model = previous
+
+    return wrapper
+
+
+def outer_sample_wrapper(characters: CharacterSet):
+    """An ``OUTER_SAMPLE`` wrapper: the window in sigmas of the model being sampled (after any sampling-shift
+    node), which conditioning is the negative one, and fresh token caches for the run."""
+
+    def wrapper(executor, *args, **kwargs):
+        guider = executor.class_obj
+        sampling = guider.model_patcher.get_model_object("model_sampling")
+        conds = getattr(guider, "conds", None) or {}
+        negative = {c.get("uuid") for c in conds.get("negative", []) if isinstance(c, dict)} - {None}
+        characters.begin_run(sampling.percent_to_sigma, negative)
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            characters.end_run()
+
+    return wrapper

@@ -66,6 +66,10 @@ def inspect_flux_transformer(path) -> tuple[dict, dict[str, Source], str]:
     if prefix is None:
         prefix, layout = f.find_prefix("single_transformer_blocks.0.attn.to_q.weight"), "diffusers"
     probe = {k: (prefix or "") + v for k, v in _FLUX_PROBES[layout].items()}
+    norm_suffix = "scale"
+    if layout == "bfl" and probe["head_norm"] not in f:  # saved by a ComfyUI that names the q/k norms' scale "weight"
+        norm_suffix = "weight"
+        probe["head_norm"] = probe["head_norm"][: -len("scale")] + "weight"
     if prefix is None or probe["img_in"] not in f or probe["vec_in"] not in f or probe["head_norm"] not in f:
         raise wrong_file(f, "a FLUX.1-dev transformer", FLUX_HINT)
     hidden, channels = f.shape(probe["img_in"])
@@ -87,13 +91,14 @@ def inspect_flux_transformer(path) -> tuple[dict, dict[str, Source], str]:
     if layout == "diffusers":
         sources = None  # identity, filled in by load_flux_transformer from the model's own names
     else:
-        sources = bfl_sources(prefix, hidden, config["num_layers"], config["num_single_layers"])
+        sources = bfl_sources(prefix, hidden, config["num_layers"], config["num_single_layers"], norm_suffix)
     weight_probe = probe["double"] + "0.img_attn.qkv.weight" if layout == "bfl" else probe["mlp_in"]
     return config, sources, weight_probe
 
 
-def bfl_sources(p: str, hidden: int, n_double: int, n_single: int) -> dict[str, Source]:
-    """diffusers FluxTransformer2DModel parameter → (BFL key, rows, swap halves)."""
+def bfl_sources(p: str, hidden: int, n_double: int, n_single: int, norm_suffix: str = "scale") -> dict[str, Source]:
+    """diffusers FluxTransformer2DModel parameter → (BFL key, rows, swap halves). The q/k norms' parameter is
+    ``scale`` in BFL files, ``weight`` in files saved by newer ComfyUI versions."""
     out: dict[str, Source] = {}
 
     def lin(dst: str, src: str, rows: tuple[int, int] | None = None, swap: bool = False):
@@ -105,7 +110,7 @@ def bfl_sources(p: str, hidden: int, n_double: int, n_single: int) -> dict[str, 
             lin(f"{dst_block}.{name}", src, (j * hidden, (j + 1) * hidden))
 
     def norm(dst: str, src: str):
-        out[f"{dst}.weight"] = (f"{p}{src}.scale", None, False)
+        out[f"{dst}.weight"] = (f"{p}{src}.{norm_suffix}", None, False)
 
     lin("x_embedder", "img_in")
     lin("context_embedder", "txt_in")

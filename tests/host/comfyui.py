@@ -24,6 +24,13 @@ def comfyui_dir() -> Path | None:
 SKIP_REASON = "COMFYUI_DIR is not set to a ComfyUI checkout (ComfyUI is not on PyPI; see README, Tests)"
 
 
+def _front_end_args() -> list[str]:
+    """``COMFYUI_FRONT_END_ROOT``: the ``static`` folder of an unpacked frontend wheel, so two ComfyUI generations
+    that want different frontends can share one Python environment."""
+    root = os.environ.get("COMFYUI_FRONT_END_ROOT")
+    return ["--front-end-root", root] if root else []
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -66,7 +73,7 @@ class ComfyServer:
         self.process = subprocess.Popen(
             [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
              "--extra-model-paths-config", str(config), "--output-directory", str(self.output_dir),
-             "--input-directory", str(self.input_dir), "--disable-auto-launch"],
+             "--input-directory", str(self.input_dir), "--disable-auto-launch", *_front_end_args()],
             cwd=comfyui_dir(), stdout=self._log, stderr=subprocess.STDOUT, env=env)
         deadline = time.time() + 180
         while time.time() < deadline:
