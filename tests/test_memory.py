@@ -93,6 +93,22 @@ def test_fp8_storage_is_close_and_leaves_weights_exact(tiny_flux, tiny_adapter, 
     assert rel < 0.1, rel
 
 
+@pytest.mark.parametrize("mode", ["off", "budget", "sequential", "fp8"])
+def test_a_bf16_flux_with_an_fp32_adapter_runs_in_every_mode(tiny_models, tiny_adapter, features, mode):
+    """The loaders let FLUX and the adapter have different dtypes; streaming casts the streamed weights (not the
+    biases) to FLUX's dtype just before use, and the character layers must compute in whatever they get."""
+    from instantcharacter.files.flux import load_flux
+
+    flux = load_flux(tiny_models["flux"], dtype=torch.bfloat16)
+    settings = {"off": dict(offload="off"), "budget": dict(offload="budget", vram_budget_gb=3.05),
+                "sequential": dict(offload="sequential"),
+                "fp8": dict(offload="budget", vram_budget_gb=3.05, fp8_storage=True)}[mode]
+    out = _run(flux, tiny_adapter, features, **settings)
+    reference = _run(flux, tiny_adapter, features, offload="off")
+    assert torch.isfinite(out).all()
+    assert (out - reference).norm() / reference.norm() < 0.1
+
+
 def test_streamer_materializes_only_around_use():
     blocks = [torch.nn.Linear(4, 4) for _ in range(4)]
     extras = [[torch.nn.Linear(4, 4)] for _ in range(4)]

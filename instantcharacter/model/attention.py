@@ -33,6 +33,16 @@ class HeadNorm(nn.Module):
         return self.scale * (x / (rms + self.eps))
 
 
+class _InputCastLinear(nn.Linear):
+    """A Linear that computes in its weight's dtype at the moment it runs: the block streamer may swap in a copy
+    of the weight (not of the bias) in the transformer's dtype just before, so with a FLUX in bf16 and an
+    adapter loaded in fp32 the dtype cannot be read beforehand."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self.weight.dtype
+        return F.linear(x.to(dtype), self.weight, None if self.bias is None else self.bias.to(dtype))
+
+
 class CharacterAttentionLayer(nn.Module):
     """One of the 57 ``ip_adapter`` modules: keys/values from the character tokens for one FLUX layer."""
 
@@ -40,26 +50,26 @@ class CharacterAttentionLayer(nn.Module):
         super().__init__()
         self.head_dim = head_dim
         self.norm_ip_q = HeadNorm(head_dim)
-        self.to_k_ip = nn.Linear(token_dim, hidden_size)
+        self.to_k_ip = _InputCastLinear(token_dim, hidden_size)
         self.norm_ip_k = HeadNorm(head_dim)
-        self.to_v_ip = nn.Linear(token_dim, hidden_size)
+        self.to_v_ip = _InputCastLinear(token_dim, hidden_size)
 
     def forward(self, image_query: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """``image_query``: the layer's raw ``to_q`` output for the image tokens [B, L, H·D] (before
         FLUX's q-norm and RoPE); ``tokens``: character tokens [1 or B, N, token_dim]. Returns [B, L, H·D]."""
         batch = image_query.shape[0]
-        dtype = self.to_k_ip.weight.dtype
-        tokens = tokens.to(dtype)
         if tokens.shape[0] != batch:
             tokens = tokens.expand(batch, -1, -1)
 
         def heads(t: torch.Tensor) -> torch.Tensor:
             return t.unflatten(-1, (-1, self.head_dim)).transpose(1, 2)
 
-        query = self.norm_ip_q(heads(image_query)).to(dtype)
-        key = self.norm_ip_k(heads(self.to_k_ip(tokens))).to(dtype)
+        key = heads(self.to_k_ip(tokens))
         value = heads(self.to_v_ip(tokens))
-        out = F.scaled_dot_product_attention(query, key, value)
+        dtype = key.dtype  # the adapter weights' dtype (as stored, or as streamed)
+        query = self.norm_ip_q(heads(image_query)).to(dtype)
+        key = self.norm_ip_k(key).to(dtype)
+        out = F.scaled_dot_product_attention(query, key, value.to(dtype))
         return out.transpose(1, 2).flatten(2).to(image_query.dtype)
 
 
