@@ -278,3 +278,316 @@ def test_fp8_model_through_comfyuis_manual_cast(pack, comfy, tiny_flux, tiny_ada
     print(f"\nfp8 MODEL (manual_cast) native vs pipeline on the same rounded weights: max diff {diff:.2e}")
     assert diff <= 1e-5
     assert (native - plain).abs().max() > 1e-3
+
+
+# --- callers, stacking, schedule, regions, wrong models ------------------------------------------------------
+
+class _CallerWithoutOptions(dict):
+    """A "dit" patch table as packs that run FLUX's blocks themselves use it: the patch is called without
+    ``transformer_options`` in its arguments (TeaCache-style) or with them in the second dict (PuLID-Flux-ll)."""
+
+    def __init__(self, patches, in_second_dict: bool):
+        super().__init__(patches)
+        self.in_second_dict = in_second_dict
+
+    def __getitem__(self, key):
+        patch = super().__getitem__(key)
+
+        def call(args, extra):
+            options = args.get("transformer_options", {})
+            original = extra["original_block"]
+            second = {"original_block": lambda a: original({**a, "transformer_options": options})}
+            if self.in_second_dict:
+                second["transformer_options"] = options
+            return patch({k: v for k, v in args.items() if k != "transformer_options"}, second)
+
+        return call
+
+
+@pytest.mark.parametrize("in_second_dict", [False, True], ids=["teacache_style", "pulid_style"])
+def test_callers_that_pass_no_options_keep_the_window_and_the_negative_switch(
+        pack, comfy_flux, tiny_flux, tiny_adapter, features, in_second_dict):
+    from instantcharacter.run.native import CharacterEntry
+
+    def run(entry, sigma, chunks=(0, 1)):
+        patched = _patches(pack, comfy_flux, [entry])
+        dit = patched["patches_replace"]["dit"]
+        patched["patches_replace"]["dit"] = _CallerWithoutOptions(dit, in_second_dict)
+        return _comfy_call(comfy_flux, x, ctx, pooled, sigma, patched, list(chunks))
+
+    x, ctx, pooled = _inputs(tiny_flux)
+    plain = _comfy_call(comfy_flux, x, ctx, pooled, 0.6, {}, [0, 1])
+    late = CharacterEntry(tiny_adapter, features, 0.9, sigma_start=0.5, sigma_end=0.0)
+    assert torch.equal(run(late, 0.6), plain)  # outside its window: not applied
+    positive_only = CharacterEntry(tiny_adapter, features, 0.9, on_negative=False)
+    out = run(positive_only, 0.6)
+    assert torch.equal(out[1], plain[1]) and (out[0] - plain[0]).abs().max() > 1e-3
+    normal = _comfy_call(comfy_flux, x, ctx, pooled, 0.6, _patches(pack, comfy_flux, [positive_only]), [0, 1])
+    assert torch.equal(out, normal)
+
+
+def test_pulid_stacks_its_callbacks_on_our_patch_with_add(pack, comfy_flux, tiny_flux, tiny_adapter, features):
+    from instantcharacter.run.native import CharacterEntry
+
+    x, ctx, pooled = _inputs(tiny_flux)
+    entry = CharacterEntry(tiny_adapter, features, 0.9)
+    ours = _comfy_call(comfy_flux, x, ctx, pooled, 0.6, _patches(pack, comfy_flux, [entry]))
+    calls = []
+
+    def pulid_like(img, pulid_model=None, ca_idx=None, weight=1.0, embedding=None, mask=None, transformer_options={}):
+        calls.append((img.shape, ca_idx, "sigmas" in transformer_options))
+        return weight * torch.randn(img.shape, generator=torch.Generator().manual_seed(ca_idx))
+
+    patched = _patches(pack, comfy_flux, [entry])
+    dit = patched["patches_replace"]["dit"]
+    # as PuLID-Flux-ll does when a block already has a patch: .add(callback, **its settings)
+    dit[("double_block", 1)].add(pulid_like, sigma_start=1.0, sigma_end=0.0, pulid_model=None, ca_idx=0, weight=0.0,
+                                 embedding=None, mask=None)
+    dit[("single_block", 0)].add(pulid_like, sigma_start=0.5, sigma_end=0.0, pulid_model=None, ca_idx=1, weight=1.0,
+                                 embedding=None, mask=None)
+    stacked = _comfy_call(comfy_flux, x, ctx, pooled, 0.6, patched)
+    assert torch.equal(stacked, ours)  # weight 0 in its window, and the other outside its window
+    assert calls == [(torch.Size([2, 16, 256]), 0, True)]
+    dit[("single_block", 0)].foreign[0][1]["sigma_start"] = 1.0
+    changed = _comfy_call(comfy_flux, x, ctx, pooled, 0.6, patched)
+    assert calls[-1] == (torch.Size([2, 16, 256]), 1, True)  # single block: only the image rows
+    assert (changed - ours).abs().max() > 1e-3
+
+
+def test_a_foreign_patch_registered_after_ours_does_not_crash(pack, comfy_flux, tiny_flux, tiny_adapter, features):
+    from instantcharacter.run.native import CharacterEntry
+
+    x, ctx, pooled = _inputs(tiny_flux)
+    plain = _comfy_call(comfy_flux, x, ctx, pooled, 0.6, {})
+    patched = _patches(pack, comfy_flux, [CharacterEntry(tiny_adapter, features, 0.9)])
+    patched["patches_replace"]["dit"][("double_block", 0)] = lambda args, extra: extra["original_block"](args)
+    out = _comfy_call(comfy_flux, x, ctx, pooled, 0.6, patched)
+    assert torch.isfinite(out).all() and (out - plain).abs().max() > 1e-3  # the other blocks still act
+
+
+def _first_block_output(pack, comfy_flux, x, ctx, pooled, entries, sigma=0.6, **kwargs):
+    """The image stream leaving double block 0: after it every row is computed on its own, so a character
+    that must not touch a row leaves that row bit-identical there."""
+    seen = {}
+
+    def capture(args, extra):
+        out = extra["original_block"](args)
+        seen["img"] = out["img"].clone()
+        return out
+
+    patched = _patches(pack, comfy_flux, entries, previous={("double_block", 0): capture})
+    _comfy_call(comfy_flux, x, ctx, pooled, sigma, patched, **kwargs)
+    return seen["img"]
+
+
+def test_kontext_reference_tokens_are_left_alone(pack, comfy_flux, tiny_flux, tiny_adapter, features):
+    from instantcharacter.run.native import CharacterEntry
+
+    x, ctx, pooled = _inputs(tiny_flux)  # 8×8 latent: 16 generated tokens
+    reference = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(9))
+    plain = _first_block_output(pack, comfy_flux, x, ctx, pooled, [], ref_latents=[reference])
+    ours = _first_block_output(pack, comfy_flux, x, ctx, pooled, [CharacterEntry(tiny_adapter, features, 0.9)],
+                               ref_latents=[reference])
+    assert ours.shape[1] == 32
+    assert torch.equal(ours[:, 16:], plain[:, 16:])  # the reference image's tokens
+    assert (ours[:, :16] - plain[:, :16]).abs().max() > 1e-3
+
+
+def test_a_region_confines_the_character_and_two_regions_split_the_picture(
+        pack, comfy_flux, tiny_flux, tiny_adapter, features):
+    from instantcharacter.run.native import CharacterEntry
+
+    x, ctx, pooled = _inputs(tiny_flux)
+    left = torch.zeros(1, 64, 64)
+    left[..., :32] = 1.0
+    right = 1.0 - left
+    columns = torch.arange(16) % 4  # the 4×4 token grid, row by row
+    in_left, in_right = columns < 2, columns >= 2
+    plain = _first_block_output(pack, comfy_flux, x, ctx, pooled, [])
+    a = _first_block_output(pack, comfy_flux, x, ctx, pooled, [CharacterEntry(tiny_adapter, features, 0.9, mask=left)])
+    b = _first_block_output(pack, comfy_flux, x, ctx, pooled, [CharacterEntry(tiny_adapter, features, 0.4, mask=right)])
+    both = _first_block_output(pack, comfy_flux, x, ctx, pooled, [CharacterEntry(tiny_adapter, features, 0.9, mask=left),
+                                                                  CharacterEntry(tiny_adapter, features, 0.4, mask=right)])
+    assert torch.equal(a[:, in_right], plain[:, in_right]) and (a[:, in_left] - plain[:, in_left]).abs().max() > 1e-3
+    assert torch.equal(b[:, in_left], plain[:, in_left]) and (b[:, in_right] - plain[:, in_right]).abs().max() > 1e-3
+    assert torch.equal(both[:, in_left], a[:, in_left]) and torch.equal(both[:, in_right], b[:, in_right])
+    everywhere = _first_block_output(pack, comfy_flux, x, ctx, pooled, [CharacterEntry(tiny_adapter, features, 0.9)])
+    ones = _first_block_output(pack, comfy_flux, x, ctx, pooled,
+                               [CharacterEntry(tiny_adapter, features, 0.9, mask=torch.ones(1, 64, 64))])
+    assert torch.equal(ones, everywhere)
+
+
+def test_character_off_is_bit_identical_with_references_and_an_attention_mask(
+        pack, comfy_flux, tiny_flux, tiny_adapter, features):
+    from instantcharacter.run.native import CharacterEntry
+
+    silent = copy.deepcopy(tiny_adapter)
+    with torch.no_grad():
+        for layer in silent.ip_adapter:
+            layer.to_v_ip.weight.zero_()
+            layer.to_v_ip.bias.zero_()
+    x, ctx, pooled = _inputs(tiny_flux)
+    reference = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(9))
+    length = ctx.shape[1] + 32
+    mask = torch.zeros(2, 1, length, length)
+    mask[..., -4:] = -10000.0  # the last reference tokens are not attended to
+    for kwargs in ({}, {"ref_latents": [reference]}, {"ref_latents": [reference], "attention_mask": mask}):
+        plain = _comfy_call(comfy_flux, x, ctx, pooled, 0.6, {}, [0, 1], **kwargs)
+        for entry in (CharacterEntry(tiny_adapter, features, 0.0), CharacterEntry(silent, features, 0.9),
+                      CharacterEntry(tiny_adapter, features, 0.9, sigma_start=0.5, sigma_end=0.0)):
+            out = _comfy_call(comfy_flux, x, ctx, pooled, 0.6, _patches(pack, comfy_flux, [entry]), [0, 1], **kwargs)
+            assert torch.equal(out, plain), (kwargs.keys(), entry.weight)
+
+
+def _model_patcher(comfy, diffusion):
+    import comfy.model_patcher
+    import comfy.model_sampling
+
+    class Base(torch.nn.Module):
+        model_config = None
+
+        def __init__(self):
+            super().__init__()
+            self.diffusion_model = diffusion
+            self.model_sampling = comfy.model_sampling.ModelSamplingFlux()
+
+    return comfy.model_patcher.ModelPatcher(Base(), load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+
+
+def _apply(model, adapter, features, weight=0.9, start=0.0, end=1.0, negative=True, mask=None):
+    native = importlib.import_module("instantcharacter_pack_native.nodes.native")
+    out = native.ApplyToModel.execute(model, adapter, features, weight, start, end, negative, mask)
+    return out.args[0] if hasattr(out, "args") else out[0]
+
+
+def test_the_window_follows_a_sampling_shift_placed_after_apply(pack, comfy, comfy_flux, tiny_adapter, features):
+    import comfy_extras.nodes_model_advanced as advanced
+
+    patched = _apply(_model_patcher(comfy, comfy_flux), tiny_adapter, features, start=0.25, end=0.75)
+    node = advanced.ModelSamplingFlux
+    shifted = node().patch(patched, 4.0, 2.0, 1024, 1024)
+    shifted = shifted.args[0] if hasattr(shifted, "args") else shifted[0]
+    sampling = shifted.get_model_object("model_sampling")
+    assert sampling.percent_to_sigma(0.25) != patched.get_model_object("model_sampling").percent_to_sigma(0.25)
+    wrappers = shifted.wrappers["outer_sample"]["instantcharacter"]
+    assert len(wrappers) == 1
+
+    class Guider:
+        model_patcher = shifted
+        conds = {"positive": [{"uuid": "p"}], "negative": [{"uuid": "n"}]}
+
+    seen = {}
+
+    class Executor:
+        class_obj = Guider()
+
+        def __call__(self, *args, **kwargs):
+            entry = dit[("double_block", 0)].characters.entries[0]
+            characters = dit[("double_block", 0)].characters
+            seen.update(start=entry.sigma_start, end=entry.sigma_end, negative=characters.negative_uuids)
+            return "sampled"
+
+    dit = shifted.model_options["transformer_options"]["patches_replace"]["dit"]
+    assert wrappers[0](Executor()) == "sampled"
+    assert seen["start"] == pytest.approx(sampling.percent_to_sigma(0.25))
+    assert seen["end"] == pytest.approx(sampling.percent_to_sigma(0.75))
+    assert seen["negative"] == {"n"}  # the negative conditioning is told by its ids, not by its position
+
+
+def test_the_negative_pass_is_told_by_the_negative_conditioning_not_by_position(tiny_adapter, features):
+    from instantcharacter.run.native import CharacterSet
+
+    characters = CharacterSet()
+    characters.begin_run(None, {"neg"})
+    # DualCFGGuider batches [negative, middle, positive]: chunk index 0 is the negative one there
+    assert characters.negative_rows(6, [0, 1, 2], ["neg", "mid", "pos"]) == (True, True, False, False, False, False)
+    characters.end_run()
+    assert characters.negative_rows(4, [0, 1], ["a", "b"]) == (False, False, True, True)  # CFGGuider: 1 = uncond
+
+
+def _unsupported_model_error():
+    return importlib.import_module("instantcharacter_pack_native.instantcharacter.errors").UnsupportedModelError
+
+
+def test_wrong_models_are_refused_at_apply_by_name(pack, comfy, tiny_flux, tiny_adapter, features):
+    UnsupportedModelError = _unsupported_model_error()
+
+    class NotFlux(torch.nn.Module):  # e.g. an SDXL UNet: no FLUX blocks at all
+        def __init__(self):
+            super().__init__()
+            self.input_blocks = torch.nn.ModuleList([torch.nn.Linear(4, 4)])
+
+    with pytest.raises(UnsupportedModelError, match="NotFlux .*no FLUX double/single blocks"):
+        _apply(_model_patcher(comfy, NotFlux()), tiny_adapter, features)
+
+    wide = _comfy_twin(tiny_flux.transformer, torch.float32, comfy.ops.disable_weight_init)
+    wide.double_blocks.append(copy.deepcopy(wide.double_blocks[0]))
+    with pytest.raises(UnsupportedModelError, match="3\\+3 blocks"):
+        _apply(_model_patcher(comfy, wide), tiny_adapter, features)
+
+    import comfy.ldm.chroma.model as chroma
+
+    cfg = tiny_flux.transformer.config
+    params = dict(in_channels=16, out_channels=16, context_in_dim=cfg.joint_attention_dim, hidden_size=256,
+                  mlp_ratio=4.0, num_heads=2, depth=cfg.num_layers, depth_single_blocks=cfg.num_single_layers,
+                  axes_dim=list(cfg.axes_dims_rope), theta=10000, patch_size=2, qkv_bias=True, in_dim=64, out_dim=256,
+                  hidden_dim=64, n_layers=1, txt_ids_dims=[], vec_in_dim=cfg.pooled_projection_dim)
+    fields = chroma.ChromaParams.__dataclass_fields__
+    model = chroma.Chroma(**{k: v for k, v in params.items() if k in fields}, operations=comfy.ops.disable_weight_init)
+    with pytest.raises(UnsupportedModelError, match="Chroma .*no per-block modulation"):
+        _apply(_model_patcher(comfy, model), tiny_adapter, features)
+
+
+def test_a_flux2_style_model_is_refused_at_apply(pack, comfy, tiny_flux, tiny_adapter, features):
+    UnsupportedModelError = _unsupported_model_error()
+
+    model = _comfy_twin(tiny_flux.transformer, torch.float32, comfy.ops.disable_weight_init, global_modulation=True)
+    with pytest.raises(UnsupportedModelError, match="no per-block modulation"):
+        _apply(_model_patcher(comfy, model), tiny_adapter, features)
+
+
+def test_comfyui_counts_the_adapter_once_and_two_runs_reload_nothing(pack, comfy, comfy_flux, tiny_adapter, features,
+                                                                     monkeypatch, caplog):
+    """ComfyUI's own load_models_gpu, with the second CPU device standing in for a GPU: two chained Apply nodes
+    with one adapter give one adapter model to load, counted at its full size, and a second run moves nothing."""
+    import gc
+    import logging
+
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.patcher_extension
+
+    gpu = torch.device("cpu", 1)
+    budget = 8 * 2**30
+    monkeypatch.setattr(mm, "get_torch_device", lambda: gpu)
+    monkeypatch.setattr(mm, "EXTRA_RESERVED_VRAM", 0)
+    monkeypatch.setattr(mm, "minimum_inference_memory", lambda: 0)
+    monkeypatch.setattr(mm, "get_free_memory", lambda dev=None, torch_free_too=False: (budget, budget) if torch_free_too
+                        else budget)
+    adapter = copy.deepcopy(tiny_adapter)
+    adapter.__dict__.pop("_instantcharacter_comfy_patcher", None)
+    flux = comfy.model_patcher.ModelPatcher(_model_patcher(comfy, comfy_flux).model, load_device=gpu,
+                                            offload_device=torch.device("cpu"))
+    loads = []
+    try:
+        with caplog.at_level(logging.INFO):
+            # the second run re-executes both Apply nodes, as after a changed weight
+            for weights in ((0.5, 0.4), (0.6, 0.3)):
+                twice = _apply(_apply(flux, adapter, features, weights[0]), adapter, features, weights[1])
+                models = [twice] + twice.get_nested_additional_models()
+                ours = [m for m in models if m.model is adapter]
+                assert len(ours) == 1 and ours[0].load_device == gpu
+                if not loads:
+                    ours[0].add_callback(comfy.patcher_extension.CallbacksMP.ON_LOAD,
+                                         lambda *a, **k: loads.append("adapter"))
+                mm.load_models_gpu(models)
+                counted = [lm for lm in mm.current_loaded_models if lm.model.model is adapter]
+                assert len(counted) == 1
+                assert counted[0].model_loaded_memory() == mm.module_size(adapter)
+                del twice, models, ours, counted
+                gc.collect()
+            assert loads == ["adapter"]  # loaded by the first run only
+            mm.cleanup_models_gc()
+        assert not [r for r in caplog.records if "memory leak" in r.getMessage()]
+    finally:
+        mm.unload_all_models()

@@ -117,7 +117,11 @@ def test_the_bfl_conversion_agrees_with_comfyuis_key_map():
                          cwd=comfyui_dir(), timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     theirs = json.loads(out.stdout.strip().splitlines()[-1])
-    ours = bfl_sources("", 3072, 19, 38)
+    # ComfyUI up to 0.3.x names the q/k norms' parameter "scale" as BFL files do; v0.33 calls it "weight"
+    # (and our loader reads files saved that way too)
+    suffix = theirs["transformer_blocks.0.attn.norm_q.weight"][0].rpartition(".")[2]
+    assert suffix in ("scale", "weight")
+    ours = bfl_sources("", 3072, 19, 38, suffix)
     for name, (key, rows, swap) in ours.items():
         assert name in theirs, name
         assert [key, list(rows) if rows else None, swap] == theirs[name], name
