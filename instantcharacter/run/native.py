@@ -127,6 +127,7 @@ class CharacterSet:
         self.entries = tuple(entries)
         self.call: CallState | None = None
         self.model = None  # the diffusion model of the call in progress (its blocks get the hooks)
+        self._active: tuple = (None, [])
         self.negative_uuids: frozenset = frozenset()
 
     def with_entry(self, entry: CharacterEntry) -> "CharacterSet":
@@ -162,7 +163,10 @@ class CharacterSet:
         return tuple(flag for flag in flags for _ in range(per))
 
     def active(self, call: CallState) -> list[tuple[CharacterEntry, torch.Tensor]]:
-        return [(e, w) for e in self.entries if (w := e.row_weights(call)) is not None]
+        """The characters acting in this call with their per-row weights (made once per call, on its device)."""
+        if self._active[0] is not call:
+            self._active = (call, [(e, w) for e in self.entries if (w := e.row_weights(call)) is not None])
+        return self._active[1]
 
     def delta(self, layer_index: int, raw_query: torch.Tensor, call: CallState,
               active: list[tuple[CharacterEntry, torch.Tensor]]) -> torch.Tensor:
