@@ -84,8 +84,10 @@ class HubStandin:
     """
 
     def __init__(self, repos: Mapping[str, str | Path], *, gated: Iterable[str] = (), token: str | None = None,
-                 lfs_suffixes: Iterable[str] = LFS_SUFFIXES):
+                 lfs_suffixes: Iterable[str] = LFS_SUFFIXES, listed: Mapping[str, Mapping[str, Path]] | None = None):
         self.repos = {repo_id: Path(folder) for repo_id, folder in repos.items()}
+        # extra names a hostile server lists (e.g. "scheduler/../../x"), each served with a real file's bytes
+        self.listed = {repo_id: dict(names) for repo_id, names in (listed or {}).items()}
         self.gated = set(gated)
         unknown = self.gated - set(self.repos)
         if unknown:
@@ -201,7 +203,8 @@ class HubStandin:
         root = self.repos[repo]
         files = {p.relative_to(root).as_posix(): p for p in sorted(root.rglob("*")) if p.is_file()}
         # a folder that was itself a download target holds huggingface_hub's bookkeeping: not repo content
-        return {rel: p for rel, p in files.items() if not rel.startswith((".git/", ".cache/huggingface/"))}
+        files = {rel: p for rel, p in files.items() if not rel.startswith((".git/", ".cache/huggingface/"))}
+        return {**files, **self.listed.get(repo, {})}
 
     def is_lfs(self, path: str) -> bool:
         return path.endswith(self.lfs_suffixes)

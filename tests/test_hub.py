@@ -360,3 +360,29 @@ def test_a_download_that_gets_nothing_leaves_no_folder(tmp_path):
     with unreachable_endpoint() as url, pytest.raises(hub.DownloadError):
         hub.download(hub.FLUX_DEV, dest, endpoint=url)
     assert not dest.exists()
+
+
+@pytest.mark.parametrize("name", ["scheduler/../../../../escaped.txt", "transformer/..\\..\\..\\escaped.txt",
+                                  "vae/./x/../../../y.txt"])
+def test_a_listed_name_that_leaves_the_folder_is_refused_and_nothing_is_written(repos, tmp_path, name):
+    """A hostile endpoint (e.g. a mirror in HF_ENDPOINT) lists a name our wildcard patterns match but that points
+    outside the FLUX folder: refused before any file is fetched, on whatever huggingface_hub is installed."""
+    dest = tmp_path / "models" / "unet" / "FLUX.1-dev"
+    payload = repos[FLUX] / "model_index.json"
+    before = {p for p in tmp_path.rglob("*")}
+    with HubStandin(repos, listed={FLUX: {name: payload}}) as hubstand:
+        with pytest.raises(DownloadError, match="would be written outside") as info:
+            hub.download(hub.FLUX_DEV, dest, endpoint=hubstand.endpoint)
+        assert hubstand.files_downloaded(FLUX) == []
+    assert repr(name) in str(info.value) and "HF_ENDPOINT" in str(info.value)
+    assert {p for p in tmp_path.rglob("*")} - before - {p for p in tmp_path.rglob("*") if "hf_home" in p.parts} == set()
+    # the same server without the hostile name: the download completes as usual
+    with HubStandin(repos) as hubstand:
+        assert hub.download(hub.FLUX_DEV, dest, endpoint=hubstand.endpoint) == dest
+    assert hub.missing_flux_files(dest) == []
+
+
+def test_safe_relative_names():
+    assert hub.safe_relative_name("transformer/diffusion_pytorch_model-00001-of-00003.safetensors")
+    for name in ("", "../x", "a/../b", "/etc/passwd", "C:/x", "a//b", "a/./b", "\\\\server\\x", "a\\..\\b"):
+        assert not hub.safe_relative_name(name), name

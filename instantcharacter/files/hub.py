@@ -8,6 +8,9 @@ within one run). A folder counts as present only when every file it needs is the
 
 from __future__ import annotations
 
+import fnmatch
+import glob
+import importlib
 import json
 import os
 from dataclasses import dataclass
@@ -99,14 +102,15 @@ def download(model: HubModel, dest: str | os.PathLike, progress: Callable[[int, 
     (tests point it at a local stand-in; ``HF_ENDPOINT`` works too, if set before huggingface_hub is first
     imported, i.e. before ComfyUI starts)."""
     dest = Path(dest)
-    created = not dest.exists()
+    created = [d for d in (dest, *dest.parents) if not d.exists()]
     dest.mkdir(parents=True, exist_ok=True)
     try:
         _snapshot(model, dest, _progress_tqdm(progress) if progress else None, endpoint)
         return _check_complete(model, dest)
     except DownloadError:
-        if created and not any(dest.iterdir()):
-            dest.rmdir()  # a download that got nothing leaves nothing behind
+        for folder in created:  # a download that got nothing leaves nothing behind, not even empty parents
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
         raise
 
 
@@ -115,7 +119,9 @@ def _snapshot(model: HubModel, dest: Path, tqdm_class, endpoint: str | None) -> 
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     try:
-        snapshot_download(model.repo_id, local_dir=dest, allow_patterns=list(model.patterns),
+        names = _files_to_fetch(model, dest, endpoint)
+        # exact names, not our wildcards: whatever the server lists later, nothing else can match
+        snapshot_download(model.repo_id, local_dir=dest, allow_patterns=[glob.escape(n) for n in names],
                           tqdm_class=tqdm_class, endpoint=endpoint)
     except GatedRepoError as err:
         raise DownloadError(
@@ -135,6 +141,53 @@ def _snapshot(model: HubModel, dest: Path, tqdm_class, endpoint: str | None) -> 
             f"Could not download {model.repo_id} ({type(err).__name__}: {short_error(err, 239)}). Check the internet "
             f"connection and run again (files already downloaded are kept), {_manual_hint(model, dest)}."
         ) from err
+
+
+def safe_relative_name(name: str) -> bool:
+    """A repo file name that stays inside the folder it is downloaded into: relative, no ``..`` or empty
+    segments, no drive."""
+    parts = name.replace("\\", "/").split("/")
+    return bool(name) and not name.startswith(("/", "\\")) and ":" not in parts[0] and \
+        all(part not in ("", ".", "..") for part in parts)
+
+
+def _files_to_fetch(model: HubModel, dest: Path, endpoint: str | None) -> list[str]:
+    """The repo's files that our patterns select, each checked to stay inside ``dest``: ``*`` in a pattern
+    matches ``/`` too, so a listed ``scheduler/../../x`` would otherwise be fetched (and older huggingface_hub
+    versions write it where it points)."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        listed = HfApi(endpoint=endpoint).list_repo_files(model.repo_id)
+    except HfHubHTTPError:
+        raise  # an answer (gated, not found, server error): _snapshot says what it means
+    except _no_answer_errors() as err:  # refused, DNS, timeout
+        raise DownloadError(
+            f"Could not download {model.repo_id} ({type(err).__name__}: {short_error(err, 239)}). Check the internet "
+            f"connection and run again (files already downloaded are kept), {_manual_hint(model, dest)}.") from err
+    wanted = [name for name in listed if any(fnmatch.fnmatchcase(name, p) for p in model.patterns)]
+    unsafe = [name for name in wanted if not safe_relative_name(name)]
+    if unsafe:
+        raise DownloadError(
+            f"{model.repo_id} lists a file that would be written outside {dest}: {unsafe[0]!r}. Nothing was "
+            f"downloaded. The server is not the real Hugging Face Hub or is compromised: check HF_ENDPOINT "
+            f"(unset it to use huggingface.co), {_manual_hint(model, dest)}.")
+    return wanted
+
+
+def _no_answer_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions meaning "the server did not answer", for the HTTP client this huggingface_hub uses
+    (requests up to 0.x, httpx in 1.x, httpx2 in 2.x)."""
+    found: list[type[BaseException]] = [OSError, TimeoutError]
+    for module, names in (("httpx2", ("TransportError",)), ("httpx", ("TransportError",)),
+                          ("requests", ("ConnectionError", "Timeout"))):
+        try:
+            imported = importlib.import_module(module)
+        except ImportError:
+            continue
+        found += [getattr(imported, name) for name in names if hasattr(imported, name)]
+    return tuple(found)
 
 
 def _check_complete(model: HubModel, dest: Path) -> Path:
