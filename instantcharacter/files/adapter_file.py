@@ -34,7 +34,7 @@ def _read(path: Path) -> dict:
         raise AdapterFileError(f"{path.name} is an empty file (0 bytes): the download or copy failed. "
                                f"Delete it and download {EXPECTED} again.")
     try:
-        raw, _ = read_checkpoint(path, mmap=True)
+        raw, _ = read_checkpoint(path)
     except CheckpointReadError as err:
         if err.unsafe:
             raise AdapterFileError(

@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import ModelFolderError
-from .checkpoint import FP8, FP8_TYPES, TensorFile
+from .checkpoint import FP8, FP8_TYPES, TensorFile, owned
 from .identify import wrong_file
 
 
@@ -75,7 +75,7 @@ def fill(model: nn.Module, f: TensorFile, sources: dict[str, Source], dtype_of: 
         expected = tuple(model.get_parameter(name).shape)
         if tuple(tensor.shape) != expected:
             raise wrong_file(f, need, hint, f"Its tensor {key} has shape {tuple(tensor.shape)}, expected {expected}.")
-        param = nn.Parameter(tensor.to(dtype_of(name)), requires_grad=False)
+        param = nn.Parameter(owned(tensor.to(dtype_of(name)), tensor), requires_grad=False)
         del tensor
         for alias in names:
             owner, _, leaf = alias.rpartition(".")

@@ -46,6 +46,12 @@ def is_safetensors(path: str | os.PathLike) -> bool:
     return Path(path).suffix.lower() in SAFETENSORS_SUFFIXES
 
 
+def owned(converted: torch.Tensor, read: torch.Tensor) -> torch.Tensor:
+    """``converted`` (``read`` after a dtype/device change), copied when the change copied nothing, so a kept
+    weight never stays a view of a memory-mapped file."""
+    return converted.clone() if converted.data_ptr() == read.data_ptr() else converted
+
+
 def _torch_load(path: Path, mmap: bool):
     if mmap:
         try:
@@ -56,20 +62,21 @@ def _torch_load(path: Path, mmap: bool):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def read_checkpoint(path: str | os.PathLike, mmap: bool = False) -> tuple[object, dict]:
-    """Everything in a ``.safetensors`` file (tensors, header metadata) or a PyTorch pickle (its object, ``{}``).
+def read_checkpoint(path: str | os.PathLike) -> tuple[object, dict]:
+    """Everything in a ``.safetensors`` file (tensors, header metadata) or a PyTorch pickle (its object, ``{}``),
+    in memory the process owns: safetensors' tensors are views of the memory-mapped file, so overwriting the
+    file would change loaded weights and truncating it would crash the process at the next access (SIGBUS).
     Raises :class:`CheckpointReadError` when the file cannot be read."""
     path = Path(path)
     try:
         if is_safetensors(path):
             from safetensors import safe_open
-            from safetensors.torch import load_file
 
-            tensors = load_file(str(path), device="cpu")
-            with safe_open(str(path), framework="pt") as f:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
                 metadata = f.metadata() or {}
+                tensors = {key: f.get_tensor(key).clone() for key in f.keys()}
             return tensors, metadata
-        return _torch_load(path, mmap), {}
+        return _torch_load(path, mmap=False), {}
     except pickle.UnpicklingError as err:
         raise CheckpointReadError(path, err, "weights_only" in str(err) or "Unsupported global" in str(err)) from err
     except Exception as err:  # zip, EOF, OS and safetensors' own errors all mean a damaged file
@@ -135,12 +142,12 @@ class TensorFile:
 
     def read(self, key: str, rows: tuple[int, int] | None = None, descale: bool = True) -> torch.Tensor:
         """The tensor (or rows ``start:stop`` of it); de-scaled when the file is ComfyUI "scaled fp8" unless
-        ``descale`` is False (then see :meth:`scale`)."""
+        ``descale`` is False (then see :meth:`scale`). It may be a view of the memory-mapped file: whoever
+        keeps it must copy it (:func:`owned`)."""
         if self._st is not None:
             tensor = self._st.get_slice(key)[rows[0]:rows[1]] if rows else self._st.get_tensor(key)
         else:
             tensor = self._sd[key][rows[0]:rows[1]] if rows else self._sd[key]
-            tensor = tensor.clone()
         scale = self.scale(key) if descale else None
         return tensor if scale is None else tensor.float() * scale
 
