@@ -3,12 +3,13 @@
 ``nodes/`` imports ComfyUI (``comfy_api.latest.io``, ``folder_paths`` …), which is not on PyPI. This module
 puts minimal stand-ins for those modules in ``sys.modules`` that only *record* what ``define_schema``
 declares (input ids, kinds, options, optional, control_after_generate), imports the pack under a private
-name, and returns each node's schema. Nothing here runs a node. The host tests check the same workflows
-against a real ComfyUI's ``/object_info``.
+name, and returns each node's schema. ``pack_nodes`` gives the nodes themselves, for core tests that call a
+node's ``execute`` on the CPU. The host tests check the same workflows against a real ComfyUI's ``/object_info``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import sys
 import types
@@ -88,14 +89,17 @@ def _install_standins() -> dict:
     comfy = types.ModuleType("comfy")
     for sub in ("utils", "model_management", "model_patcher", "patcher_extension", "sd"):
         setattr(comfy, sub, types.ModuleType(f"comfy.{sub}"))
+    comfy.model_management.get_torch_device = lambda: "cpu"
     return {"comfy_api": comfy_api, "comfy_api.latest": latest, "comfy_api.latest.io": io,
             "folder_paths": folder_paths, "comfy": comfy,
             **{f"comfy.{s}": getattr(comfy, s) for s in ("utils", "model_management", "model_patcher",
                                                          "patcher_extension", "sd")}}
 
 
-def read_schemas() -> dict[str, NodeSchema]:
-    """node_id → recorded schema, for every node the pack exports."""
+@contextlib.contextmanager
+def pack_nodes():
+    """The pack's ``nodes`` module, imported against the stand-ins (ComfyUI's device is the CPU); the stand-ins
+    and the private copy of the pack are removed on leaving."""
     saved = {name: sys.modules.get(name) for name in ("comfy_api", "comfy_api.latest", "comfy_api.latest.io",
                                                       "folder_paths", "comfy")}
     standins = _install_standins()
@@ -106,14 +110,19 @@ def read_schemas() -> dict[str, NodeSchema]:
         pack = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = pack
         spec.loader.exec_module(pack)
-        nodes = importlib.import_module(f"{spec.name}.nodes")
-        out = {}
-        for node in nodes.NODES:
-            schema = node.define_schema()
-            out[schema.node_id] = NodeSchema(schema.node_id, [i.spec for i in schema.inputs], schema.description)
-        return out
+        yield importlib.import_module(f"{spec.name}.nodes")
     finally:
         for name in list(sys.modules):
             if name.startswith("instantcharacter_pack_schema") or name in standins:
                 del sys.modules[name]
         sys.modules.update({k: v for k, v in saved.items() if v is not None})
+
+
+def read_schemas() -> dict[str, NodeSchema]:
+    """node_id → recorded schema, for every node the pack exports."""
+    with pack_nodes() as nodes:
+        out = {}
+        for node in nodes.NODES:
+            schema = node.define_schema()
+            out[schema.node_id] = NodeSchema(schema.node_id, [i.spec for i in schema.inputs], schema.description)
+        return out
