@@ -94,8 +94,12 @@ def cmd_generate(args) -> int:
     flux = load_flux(paths["flux"], dtype=dtype)
     print(f"models loaded in {time.perf_counter() - started:.1f} s; offload={offload}, device={device}", flush=True)
 
+    interactive = sys.stdout.isatty()
+
     def progress(step, total):
-        print(f"\rstep {step}/{total}", end="" if step < total else "\n", flush=True)
+        # one line rewritten in a terminal; a line per step in a log file or pipe
+        print(f"\rstep {step}/{total}" if interactive else f"step {step}/{total}",
+              end="" if interactive and step < total else "\n", flush=True)
 
     settings = GenerationSettings(args.prompt, negative_prompt=args.negative_prompt, true_cfg=args.true_cfg,
                                   width=args.width, height=args.height, steps=args.steps, guidance=args.guidance,
@@ -160,14 +164,16 @@ def cmd_doctor(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m instantcharacter", description=__doc__)
-    parser.add_argument("--models-dir", type=Path, default=None,
-                        help="ComfyUI models folder (default: COMFYUI_MODELS_DIR, the ComfyUI this pack is in, or ./models)")
+    models_help = "ComfyUI models folder (default: COMFYUI_MODELS_DIR, the ComfyUI this pack is in, or ./models)"
+    parser.add_argument("--models-dir", type=Path, default=None, help=models_help)
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="generate pictures of a character")
     _add_generation_args(gen)
     gen.add_argument("--download", action="store_true", help="download missing models (FLUX.1-dev needs HF_TOKEN)")
     doc = sub.add_parser("doctor", help="check the machine and the model files")
     doc.add_argument("--selftest", action="store_true", help="run a tiny random end-to-end generation")
+    for command in (gen, doc):  # accepted after the command too; SUPPRESS keeps a value given before it
+        command.add_argument("--models-dir", type=Path, default=argparse.SUPPRESS, help=models_help)
     args = parser.parse_args(argv)
     if args.command == "generate" and args.offload == "budget" and args.vram_budget is None:
         parser.error("--offload budget needs --vram-budget GB (the VRAM the run may use)")

@@ -78,7 +78,8 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[object, dict]:
             return tensors, metadata
         return _torch_load(path, mmap=False), {}
     except pickle.UnpicklingError as err:
-        raise CheckpointReadError(path, err, "weights_only" in str(err) or "Unsupported global" in str(err)) from err
+        # only a refused global means "objects other than tensors"; random bytes or an HTML page fail too
+        raise CheckpointReadError(path, err, "Unsupported global" in str(err)) from err
     except Exception as err:  # zip, EOF, OS and safetensors' own errors all mean a damaged file
         raise CheckpointReadError(path, err, False) from err
 

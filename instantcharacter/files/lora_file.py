@@ -122,6 +122,10 @@ def _parse(path: Path) -> ParsedLora:
             f"(diffusers: {type(e).__name__}: {short_error(e, 160)})"
         ) from e
     converted = {_with_transformer_prefix(k): v for k, v in converted.items()}
+    broken = next((k for k, v in converted.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if broken is not None:
+        raise LoraFileError(f"{path.name} holds NaN or infinite values (e.g. in {broken}): the file is damaged or "
+                            "the training diverged; use another copy or another LoRA.")
     tensors = {k: v for k, v in converted.items() if k.startswith("transformer.")}
     if not tensors:
         raise LoraFileError(

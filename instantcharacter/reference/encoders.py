@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,7 +46,7 @@ class ReferenceFeatures:
         if not items:
             raise InputError("No reference features to combine.")
         w = torch.tensor(weights if weights is not None else [1.0] * len(items), dtype=torch.float64)
-        if w.numel() != len(items) or (w < 0).any() or w.sum() <= 0:
+        if w.numel() != len(items) or not torch.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
             raise InputError(f"Need one non-negative weight per reference with a positive sum, got {weights}.")
         w = (w / w.sum()).tolist()
         fields = zip(*(f.tensors() for f in items))
@@ -60,6 +62,9 @@ def parse_weights(text: str, count: int) -> list[float] | None:
         weights = [float(part) for part in text.replace(";", ",").split(",") if part.strip()]
     except ValueError as err:
         raise InputError(f"weights must be numbers separated by commas, e.g. '1, 1, 0.5'; got {text!r}") from err
+    bad = [w for w in weights if not math.isfinite(w) or w < 0]
+    if bad:
+        raise InputError(f"weights must be finite numbers of 0 or more (e.g. '1, 1, 0.5'); got {bad[0]!r} in {text!r}.")
     if len(weights) != count:
         raise InputError(f"weights lists {len(weights)} numbers but {count} pictures were given; give one per picture.")
     return weights

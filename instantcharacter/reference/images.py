@@ -17,8 +17,30 @@ HIGH_RES = 768
 WHITE = (255, 255, 255)
 
 
+# Pictures larger than this on their longer side are shrunk (aspect kept) before being made square: the
+# encoders never see more than 768², and a 30000×16 picture would otherwise become a 30000² canvas (3.9 GB).
+MAX_SIDE = 4096
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """16-bit and 32-bit integer or float greyscale (I;16, I, F) as 8-bit greyscale: convert("RGB") would clip
+    them to white or black. Integer pictures are read on the range their values fit (8 or 16 bits, else their
+    maximum); float ones as 0–1 when they fit it, else 0–255 or their maximum."""
+    values = np.asarray(image, dtype=np.float64)
+    if not np.isfinite(values).all():
+        raise InputError(f"The picture ({image.mode}, {image.width}×{image.height}) holds NaN or infinite values.")
+    top = float(values.max(initial=0.0))
+    if image.mode == "F":
+        scale = 255.0 if top <= 1.0 else 1.0 if top <= 255 else 255.0 / top
+    else:
+        scale = 1.0 if top <= 255 else 255.0 / 65535 if top <= 65535 else 255.0 / top
+    return Image.fromarray(np.clip(values * scale, 0, 255).round().astype(np.uint8), mode="L")
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """RGB view of any PIL image; transparency is composited onto white (the official references are on white)."""
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        image = _to_8bit(image)
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, WHITE + (255,))
@@ -44,9 +66,14 @@ def apply_mask(image: Image.Image, mask: np.ndarray | torch.Tensor) -> Image.Ima
 
 def fit_square(image: Image.Image, fit: str = "stretch") -> Image.Image:
     """Make a square picture: ``stretch`` (the official behaviour: resize to the longer side, aspect lost),
-    ``pad`` (centre on a white square, aspect kept) or ``crop`` (centre square, edges lost)."""
+    ``pad`` (centre on a white square, aspect kept) or ``crop`` (centre square, edges lost). Pictures longer
+    than :data:`MAX_SIDE` are shrunk to it first."""
     image = to_rgb(image)
     w, h = image.size
+    if max(w, h) > MAX_SIDE:
+        shrink = MAX_SIDE / max(w, h)
+        image = image.resize((max(1, round(w * shrink)), max(1, round(h * shrink))), Image.LANCZOS)
+        w, h = image.size
     if fit == "stretch":
         side = max(w, h)
         return image.resize((side, side))
@@ -107,7 +134,10 @@ def tensor_to_pil(image: torch.Tensor) -> Image.Image:
     """One ComfyUI-style image [H, W, C] with values 0–1 (C = 1, 3 or 4) to PIL."""
     if image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
         raise InputError(f"Expected an image of shape [height, width, 1|3|4], got {tuple(image.shape)}.")
-    array = (image.detach().float().cpu().clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+    values = image.detach().float().cpu()
+    if not torch.isfinite(values).all():
+        raise InputError("The IMAGE holds NaN or infinite values (a node before this one produced them).")
+    array = (values.clamp(0, 1).numpy() * 255).round().astype(np.uint8)
     if array.shape[-1] == 1:
         return Image.fromarray(array[..., 0], mode="L")
     return Image.fromarray(array, mode="RGBA" if array.shape[-1] == 4 else "RGB")

@@ -11,6 +11,9 @@ schedule, prepare the character, denoise, decode.
 
 from __future__ import annotations
 
+import math
+import threading
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -22,6 +25,12 @@ from ..reference.encoders import ReferenceFeatures
 from ..errors import InputError
 from .lora import StyleLoras
 from .memory import Placement
+
+MAX_SIZE = 4096
+MAX_STEPS = 1000
+MAX_BATCH = 64
+MAX_SEED = 2**64 - 1
+
 
 @dataclass
 class GenerationResult:
@@ -67,11 +76,21 @@ class GenerationSettings:
         return self.negative_prompt is not None and self.true_cfg > 1
 
     def check(self) -> None:
+        """Refuse settings that cannot work, before any model moves: sizes, counts and non-finite numbers."""
         check_size(self.width, self.height)
-        if self.steps < 1:
-            raise InputError("steps must be at least 1.")
-        if self.batch_size < 1:
-            raise InputError("batch_size must be at least 1.")
+        numbers = {name: getattr(self, name) for name in ("true_cfg", "guidance", "subject_scale", "denoise",
+                                                            "start_percent", "end_percent", "double_blocks_weight",
+                                                            "single_blocks_weight")}
+        for name, value in numbers.items():
+            if not math.isfinite(value):
+                raise InputError(f"{name} must be a finite number, got {value}.")
+        if not 1 <= self.steps <= MAX_STEPS:
+            raise InputError(f"steps must be between 1 and {MAX_STEPS}, got {self.steps} (the character tokens of "
+                             "every step are computed up front).")
+        if not 1 <= self.batch_size <= MAX_BATCH:
+            raise InputError(f"batch_size must be between 1 and {MAX_BATCH}, got {self.batch_size}.")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise InputError(f"seed must be between 0 and {MAX_SEED} (2^64 - 1), got {self.seed}.")
         if not 0 < self.denoise <= 1:
             raise InputError(f"denoise must be in (0, 1], got {self.denoise}.")
         if not 0 <= self.start_percent <= self.end_percent <= 1:
@@ -89,6 +108,10 @@ class MemorySettings:
     vram_budget_gb: float | None = None
     fp8_storage: bool = False
     device: str | torch.device | None = None
+
+    def check(self) -> None:
+        if self.vram_budget_gb is not None and not (math.isfinite(self.vram_budget_gb) and self.vram_budget_gb > 0):
+            raise InputError(f"vram_budget_gb must be a positive number of GB, got {self.vram_budget_gb}.")
 
 
 @dataclass
@@ -108,8 +131,10 @@ class _Latents:
 
 def check_size(width: int, height: int) -> None:
     for name, value in (("width", width), ("height", height)):
-        if value < 16 or value % 16:
-            lower, upper = max(16, value // 16 * 16), (value // 16 + 1) * 16
+        if value < 16 or value > MAX_SIZE:
+            raise InputError(f"{name} {value} is outside 16–{MAX_SIZE} pixels (the sampler node's range).")
+        if value % 16:
+            lower, upper = value // 16 * 16, (value // 16 + 1) * 16
             raise InputError(
                 f"{name} {value} is not a multiple of 16 (FLUX works on 16-pixel patches); use {lower} or {upper}."
             )
@@ -247,8 +272,39 @@ def generate(flux, adapter: InstantCharacterAdapter | None, features: ReferenceF
     processors, its LoRA layers and the models' placement are restored before returning.
     """
     settings.check()
+    memory.check()
     if (adapter is None) != (features is None):
         raise InputError("Give both the adapter and the character, or neither.")
+    if features is not None and not all(torch.isfinite(t).all() for t in features.tensors()):
+        raise InputError("The character's features hold NaN or infinite values: encode the reference again "
+                         "(a picture or weight that was not finite?).")
+    if init_latents is not None and not torch.isfinite(torch.as_tensor(init_latents)).all():
+        raise InputError("The input LATENT holds NaN or infinite values.")
+    with _run_lock(flux):  # one run at a time per pipeline: the scheduler and the processors are shared state
+        return _generate(flux, adapter, features, settings, memory, init_latents, loras, step_callback)
+
+
+_LOCKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def _run_lock(flux) -> threading.Lock:
+    base = getattr(flux, "pipeline", flux)  # a FluxWithLoras shares its pipeline's lock
+    with _LOCKS_GUARD:
+        try:
+            lock = _LOCKS.get(base)
+            if lock is None:
+                lock = _LOCKS[base] = threading.Lock()
+        except TypeError:  # an object without weak references: one lock for all of them
+            lock = _LOCKS_GUARD_FALLBACK
+    return lock
+
+
+_LOCKS_GUARD_FALLBACK = threading.Lock()
+
+
+def _generate(flux, adapter, features, settings: GenerationSettings, memory: MemorySettings, init_latents, loras,
+              step_callback) -> GenerationResult:
 
     transformer, vae = flux.transformer, flux.vae
     dtype = transformer.dtype

@@ -1,0 +1,186 @@
+"""Input a careless (or hostile) user gives: non-finite numbers, huge sizes, odd picture modes, two runs at
+once, damaged files, the README's command as written. Each is refused with our error (or handled right),
+before any model moves, and the next normal run gives the same result as before."""
+
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from generation import run as run_generation
+from instantcharacter.errors import AdapterFileError, InputError, LoraFileError
+from instantcharacter.reference.encoders import ReferenceFeatures, parse_weights
+from instantcharacter.reference.images import MAX_SIDE, fit_square, prepare_reference, tensor_to_pil, to_rgb
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN = dict(width=64, height=64, steps=2, seed=3, max_sequence_length=32, decode=False)
+
+
+@pytest.fixture(scope="module")
+def features(tiny_encoders):
+    return tiny_encoders.encode([Image.open(ROOT / "assets" / "reference_girl.png")])
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_flux, tiny_adapter, features):
+    return run_generation(tiny_flux, tiny_adapter, features, "a girl", **RUN).latents
+
+
+@pytest.mark.parametrize("text", ["1, nan", "inf, 1", "1e999, 1", "-1, 2"])
+def test_weights_text_must_be_finite_and_not_negative(text):
+    with pytest.raises(InputError, match="finite numbers of 0 or more"):
+        parse_weights(text, 2)
+
+
+def test_blend_refuses_non_finite_weights(features):
+    with pytest.raises(InputError, match="non-negative weight"):
+        ReferenceFeatures.blend([features, features], [1.0, float("nan")])
+
+
+@pytest.mark.parametrize("setting", [dict(guidance=float("nan")), dict(subject_scale=float("inf")),
+                                     dict(true_cfg=float("nan"), negative_prompt="x"), dict(width=16384, height=16384),
+                                     dict(width=0), dict(steps=10_000), dict(batch_size=10_000), dict(seed=2**64),
+                                     dict(seed=-1), dict(vram_budget_gb=-4.0, offload="budget"),
+                                     dict(vram_budget_gb=float("nan"), offload="budget")],
+                         ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()))
+def test_bad_settings_are_refused_before_anything_runs_and_change_nothing(tiny_flux, tiny_adapter, features, reference,
+                                                                          setting):
+    calls = []
+    started = time.perf_counter()
+    with pytest.raises(InputError) as info:
+        run_generation(tiny_flux, tiny_adapter, features, "a girl", **{**RUN, **setting},
+                       step_callback=lambda *a: calls.append(a))
+    refused_in = time.perf_counter() - started
+    assert not calls and refused_in < 1.0, refused_in  # refused up front, not after a 16384² step
+    name = next(iter(setting))
+    assert name.split("_")[0] in str(info.value)
+    assert torch.equal(run_generation(tiny_flux, tiny_adapter, features, "a girl", **RUN).latents, reference)
+
+
+def test_non_finite_latent_and_features_are_refused(tiny_flux, tiny_adapter, features, reference):
+    latent = torch.zeros(1, 16, 8, 8)
+    latent[0, 0, 0, 0] = float("nan")
+    with pytest.raises(InputError, match="LATENT holds NaN"):
+        run_generation(tiny_flux, tiny_adapter, features, "a girl", **RUN, init_latents=latent, denoise=0.5)
+    broken = ReferenceFeatures(*(t.clone() for t in features.tensors()))
+    broken.low_res_deep[0, 0, 0] = float("inf")
+    with pytest.raises(InputError, match="features hold NaN"):
+        run_generation(tiny_flux, tiny_adapter, broken, "a girl", **RUN)
+    assert torch.equal(run_generation(tiny_flux, tiny_adapter, features, "a girl", **RUN).latents, reference)
+
+
+def test_a_nan_image_is_refused():
+    image = torch.rand(32, 32, 3)
+    image[3, 3, 1] = float("nan")
+    with pytest.raises(InputError, match="IMAGE holds NaN"):
+        tensor_to_pil(image)
+
+
+@pytest.mark.parametrize("mode,values,expected", [
+    ("I;16", np.full((8, 8), 32768, dtype=np.uint16), 128),  # a 16-bit PNG at half grey
+    ("I", np.full((8, 8), 65535, dtype=np.int32), 255),
+    ("I", np.full((8, 8), 200, dtype=np.int32), 200),  # an 8-bit range stays as it is
+    ("F", np.full((8, 8), 0.5, dtype=np.float32), 128),  # float in 0–1
+    ("F", np.full((8, 8), 100.0, dtype=np.float32), 100),
+])
+def test_16_bit_and_float_pictures_keep_their_grey(mode, values, expected):
+    image = Image.fromarray(values, mode=mode) if mode != "I;16" else Image.fromarray(values).convert("I;16")
+    if mode == "I;16":
+        image = Image.frombytes("I;16", (8, 8), values.tobytes())
+    rgb = np.asarray(to_rgb(image))
+    assert rgb.shape == (8, 8, 3) and abs(int(rgb.mean()) - expected) <= 1, (mode, rgb.mean())
+
+
+def test_a_16_bit_png_reference_is_not_white(tmp_path):
+    path = tmp_path / "grey16.png"
+    values = np.full((64, 64), 20000, dtype=np.uint16)
+    values[16:48, 16:48] = 5000
+    Image.frombytes("I;16", (64, 64), values.tobytes()).save(path)
+    square = prepare_reference(Image.open(path), "pad")
+    grey = np.asarray(square)
+    assert 60 <= grey.mean() <= 80 and grey.min() < 25  # 20000/65535·255 ≈ 78, the centre ≈ 19
+
+
+def test_extreme_aspect_ratio_builds_no_giant_canvas():
+    image = Image.new("RGB", (30000, 16), (10, 20, 30))
+    started = time.perf_counter()
+    for fit in ("pad", "stretch", "crop"):
+        square = fit_square(image, fit)
+        assert square.width == square.height <= MAX_SIDE
+    assert time.perf_counter() - started < 5
+    assert fit_square(image, "pad").getpixel((0, 0)) == (255, 255, 255)  # padded with white, not black
+
+
+def test_two_runs_at_once_on_one_pipeline_are_serialised(tiny_flux, tiny_adapter, features, reference):
+    plain = run_generation(tiny_flux, None, None, "a girl", **RUN).latents
+    results, errors = {}, []
+
+    def worker(name, with_character):
+        try:
+            out = run_generation(tiny_flux, tiny_adapter if with_character else None,
+                                 features if with_character else None, "a girl", **RUN)
+            results[name] = out.latents
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=worker, args=(f"t{i}", i % 2 == 0)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    assert all(torch.equal(results[f"t{i}"], reference if i % 2 == 0 else plain) for i in range(4))
+    assert torch.equal(run_generation(tiny_flux, None, None, "a girl", **RUN).latents, plain)
+
+
+def test_a_lora_with_nan_is_refused(tmp_path, tiny_flux):
+    from safetensors.torch import load_file, save_file
+
+    from instantcharacter.run.lora import with_lora
+    from instantcharacter.testing.lora import write_tiny_lora
+
+    path = write_tiny_lora(tmp_path / "style.safetensors", "kohya")
+    tensors = load_file(str(path))
+    key = next(k for k in tensors if k.endswith("lora_up.weight"))
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, str(path))
+    with pytest.raises(LoraFileError, match="NaN or infinite"):
+        with_lora(tiny_flux, path, 1.0)
+
+
+def test_a_damaged_bin_is_called_damaged_and_other_safetensors_spellings_load(tmp_path, tiny_models):
+    from instantcharacter.files.adapter_file import load_adapter
+    from instantcharacter.testing.tiny import write_tiny_adapter
+
+    html = tmp_path / "instantcharacter_ip-adapter.bin"
+    html.write_bytes(b"<!DOCTYPE html><html><body>Access denied</body></html>" * 20)
+    with pytest.raises(AdapterFileError, match="truncated or corrupt") as info:
+        load_adapter(html)
+    assert "pickled Python objects" not in str(info.value)
+    reference = load_adapter(tiny_models["adapter"])
+    for name in ("adapter.sft", "adapter.SAFETENSORS"):
+        path = write_tiny_adapter(tmp_path / "source.safetensors")
+        path = path.rename(tmp_path / name)
+        loaded = load_adapter(path)
+        assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), reference.state_dict().values()))
+
+
+def test_the_readme_cli_command_is_accepted_as_written(tmp_path):
+    """README: ``python -m instantcharacter generate --download --models-dir models``. With no models and no
+    Hub in reach it must fail on the download (our message), not on the arguments."""
+    readme = (ROOT / "README.md").read_text()
+    command = next(line for line in readme.splitlines() if "python -m instantcharacter generate" in line
+                   and "--models-dir" in line)
+    args = command.split("python -m instantcharacter", 1)[1].split("&&")[0].split()
+    env = {"PATH": "/usr/bin:/bin", "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf"),
+           "HF_HUB_DISABLE_TELEMETRY": "1", "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-m", "instantcharacter", *args], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert "unrecognized arguments" not in out.stderr, out.stderr
+    assert out.returncode == 2 and "error: " in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
