@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from .files import hub
-from .errors import InstantCharacterError
+from .errors import InputError, InstantCharacterError
 from .files.locations import default_models_dir, locate_all
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
@@ -70,6 +70,20 @@ def _paths(args) -> dict[str, Path]:
     return {name: loc.path for name, loc in found.items()}
 
 
+def _open_reference(path: Path):
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        what = "a folder" if path.is_dir() else "not found"
+        raise InputError(f"--reference {path}: {what}; give a picture file (PNG, JPEG, WebP …).")
+    try:
+        image = Image.open(path)
+        image.load()
+    except (UnidentifiedImageError, OSError) as err:
+        raise InputError(f"--reference {path} is not a picture that can be read ({err}).") from err
+    return image
+
+
 def cmd_generate(args) -> int:
     import torch
     from PIL import Image
@@ -79,9 +93,17 @@ def cmd_generate(args) -> int:
     from .files.flux import load_flux
     from .run.pipeline import GenerationSettings, MemorySettings, generate
 
+    # everything the user typed is checked before any model is looked for, downloaded or loaded
+    settings = GenerationSettings(args.prompt, negative_prompt=args.negative_prompt, true_cfg=args.true_cfg,
+                                  width=args.width, height=args.height, steps=args.steps, guidance=args.guidance,
+                                  seed=args.seed, subject_scale=args.subject_scale, batch_size=args.batch_size)
+    memory = MemorySettings(args.offload, args.vram_budget, args.fp8)
+    settings.check()
+    memory.check()
+    if args.output_dir.exists() and not args.output_dir.is_dir():
+        raise InputError(f"--output-dir {args.output_dir} is a file, not a folder: give a folder for the pictures.")
+    images = [_open_reference(p) for p in (args.reference or [BUNDLED_REFERENCE])]
     paths = args.paths if hasattr(args, "paths") else _paths(args)
-    references = args.reference or [BUNDLED_REFERENCE]
-    images = [Image.open(p) for p in references]
     dtype = _dtype(args.dtype)
     offload = args.offload
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -101,10 +123,6 @@ def cmd_generate(args) -> int:
         print(f"\rstep {step}/{total}" if interactive else f"step {step}/{total}",
               end="" if interactive and step < total else "\n", flush=True)
 
-    settings = GenerationSettings(args.prompt, negative_prompt=args.negative_prompt, true_cfg=args.true_cfg,
-                                  width=args.width, height=args.height, steps=args.steps, guidance=args.guidance,
-                                  seed=args.seed, subject_scale=args.subject_scale, batch_size=args.batch_size)
-    memory = MemorySettings(offload, args.vram_budget, args.fp8)
     result = generate(flux, adapter, features, settings, memory, step_callback=progress)
     streamed = f", {result.bytes_streamed / 2**30:.1f} GiB streamed" if result.bytes_streamed else ""
     print(f"placement: {result.offload}{streamed}; VAE decode {result.decode}")

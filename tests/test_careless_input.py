@@ -184,3 +184,26 @@ def test_the_readme_cli_command_is_accepted_as_written(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert "unrecognized arguments" not in out.stderr, out.stderr
     assert out.returncode == 2 and "error: " in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("case", ["missing", "folder", "not_a_picture", "output_is_a_file", "steps"])
+def test_cli_checks_what_the_user_typed_before_looking_for_models(tmp_path, case):
+    """Bad CLI input is named at once (exit 2, no traceback), before models are looked for or downloaded:
+    here the models folder is empty and --download would try the Hub."""
+    bad = tmp_path / "notes.txt"
+    bad.write_text("not a picture")
+    output = tmp_path / "taken"
+    output.write_text("a file")
+    args = {"missing": ["--reference", str(tmp_path / "nope.png")], "folder": ["--reference", str(tmp_path)],
+            "not_a_picture": ["--reference", str(bad)], "output_is_a_file": ["--output-dir", str(output)],
+            "steps": ["--steps", "0"]}[case]
+    env = {"PATH": "/usr/bin:/bin", "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf"),
+           "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-m", "instantcharacter", "generate", "--download", "--models-dir",
+                          str(tmp_path / "models"), *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    expected = {"missing": "not found", "folder": "a folder", "not_a_picture": "not a picture",
+                "output_is_a_file": "is a file", "steps": "steps must be"}[case]
+    assert expected in out.stderr and "download" not in out.stdout, out.stderr
+    assert not (tmp_path / "models").exists()
