@@ -207,3 +207,34 @@ def test_cli_checks_what_the_user_typed_before_looking_for_models(tmp_path, case
                 "output_is_a_file": "is a file", "steps": "steps must be"}[case]
     assert expected in out.stderr and "download" not in out.stdout, out.stderr
     assert not (tmp_path / "models").exists()
+
+
+def test_encoder_folders_damaged_or_incomplete_get_our_error_and_no_load_report(tmp_path, capfd):
+    import json
+    import shutil
+
+    from instantcharacter.errors import ModelFolderError
+    from instantcharacter.files.encoders import load_reference_encoders
+    from instantcharacter.testing.tiny import write_tiny_dinov2, write_tiny_siglip
+
+    siglip, dino = write_tiny_siglip(tmp_path / "siglip"), write_tiny_dinov2(tmp_path / "dino")
+    capfd.readouterr()
+    load_reference_encoders(siglip, dino)
+    assert "LOAD REPORT" not in capfd.readouterr().err  # SigLIP's unused text tower is not reported key by key
+
+    broken = tmp_path / "broken"
+    shutil.copytree(siglip, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a truncated download
+    with pytest.raises(ModelFolderError, match="broken could not be loaded .*download it again"):
+        load_reference_encoders(broken, dino)
+    (broken / "config.json").write_text("{ not json")
+    with pytest.raises(ModelFolderError, match="broken"):
+        load_reference_encoders(broken, dino)
+
+    deeper = tmp_path / "deeper"
+    shutil.copytree(dino, deeper)
+    config = json.loads((deeper / "config.json").read_text())
+    (deeper / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 41}))  # more than its weights
+    with pytest.raises(ModelFolderError, match="lacks .* weight"):
+        load_reference_encoders(siglip, deeper)

@@ -3,7 +3,9 @@ Redux's ``sigclip_vision_patch14_384.safetensors``), DINOv2-giant from its folde
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -11,6 +13,7 @@ import torch
 
 from ..errors import ModelFolderError
 from ..reference.encoders import DINO_DEFAULT_NORM, DINO_LAYERS, SIGLIP_DEFAULT_NORM, SIGLIP_LAYERS, ReferenceEncoders
+from .checkpoint import short_error
 from .single_file import load_siglip_vision
 
 SIGLIP_TYPES = ("siglip", "siglip_vision_model")
@@ -22,8 +25,12 @@ def _model_type(folder: Path) -> str:
     config = folder / "config.json"
     if not config.is_file():
         raise ModelFolderError(f"{folder} has no config.json: it is not a Hugging Face model folder.")
-    data = json.loads(config.read_text())
-    return data.get("model_type", "")
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise ModelFolderError(f"{config} is not valid JSON ({err}): the download is damaged; download the "
+                               "folder again.") from err
+    return data.get("model_type", "") if isinstance(data, dict) else ""
 
 
 def _has_weights(folder: Path) -> bool:
@@ -51,6 +58,37 @@ def check_folder(folder: Path, role: str, expected_types: tuple[str, ...], descr
         raise ModelFolderError(f"{folder} has no weights (*.safetensors): the download is incomplete.")
 
 
+@contextlib.contextmanager
+def _quiet_load_report():
+    """transformers logs a table of every unused key (SigLIP's text tower: hundreds of lines in ComfyUI's console);
+    missing keys, the ones that matter, are checked by :func:`_from_pretrained` instead."""
+    loggers = [logging.getLogger(name) for name in ("transformers.modeling_utils", "transformers.utils.loading_report")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _from_pretrained(cls, folder: Path, dtype: torch.dtype, role: str):
+    with _quiet_load_report():
+        try:
+            model, info = cls.from_pretrained(folder, dtype=dtype, output_loading_info=True)
+        except Exception as err:  # noqa: BLE001 - JSON, shard, pickle and OS errors all mean a damaged folder
+            raise ModelFolderError(
+                f"The {role} folder {folder} could not be loaded ({type(err).__name__}: {short_error(err)}). Its "
+                "files are incomplete, damaged or not safe to open: download it again.") from err
+    missing = info.get("missing_keys") or []
+    if missing:
+        raise ModelFolderError(f"The {role} folder {folder} lacks {len(missing)} weight(s) its config needs (e.g. "
+                               f"{', '.join(sorted(missing)[:3])}): it is incomplete or holds another model. "
+                               "Download it again.")
+    return model
+
+
 def load_reference_encoders(siglip: str | os.PathLike, dino: str | os.PathLike, dtype: torch.dtype = torch.float32,
                             device: str | torch.device = "cpu") -> ReferenceEncoders:
     """SigLIP from a Hugging Face folder or a single file, DINOv2 from its folder; both checked to be the
@@ -62,13 +100,13 @@ def load_reference_encoders(siglip: str | os.PathLike, dino: str | os.PathLike, 
         check_folder(siglip, "SigLIP", SIGLIP_TYPES, SIGLIP_NAME)
     check_folder(dino, "DINOv2", ("dinov2",), DINO_NAME)
     if siglip.is_dir():
-        siglip_model = SiglipVisionModel.from_pretrained(siglip, dtype=dtype).to(device).eval()
+        siglip_model = _from_pretrained(SiglipVisionModel, siglip, dtype, "SigLIP").to(device).eval()
         siglip_norm = normalisation(siglip, SIGLIP_DEFAULT_NORM)
     else:
         siglip_model = load_siglip_vision(siglip, dtype).to(device)
         mean, std = SIGLIP_DEFAULT_NORM
         siglip_norm = (torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1))
-    dino_model = Dinov2Model.from_pretrained(dino, dtype=dtype).to(device).eval()
+    dino_model = _from_pretrained(Dinov2Model, dino, dtype, "DINOv2").to(device).eval()
     if not siglip.is_dir() and dino_model.config.num_hidden_layers != DINO_LAYERS:
         raise ModelFolderError(f"{dino.name} has {dino_model.config.num_hidden_layers} layers; InstantCharacter "
                                f"needs DINOv2-giant ({DINO_LAYERS}).")
