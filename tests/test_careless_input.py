@@ -238,3 +238,27 @@ def test_encoder_folders_damaged_or_incomplete_get_our_error_and_no_load_report(
     (deeper / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 41}))  # more than its weights
     with pytest.raises(ModelFolderError, match="lacks .* weight"):
         load_reference_encoders(siglip, deeper)
+
+
+def test_a_flux_folder_whose_config_wants_more_blocks_than_its_weights_is_refused(tmp_path):
+    import json
+    import shutil
+
+    from instantcharacter.errors import ModelFolderError
+    from instantcharacter.files.flux import load_flux
+    from instantcharacter.testing.tiny import write_tiny_flux
+
+    folder = write_tiny_flux(tmp_path / "FLUX.1-dev")
+    config = folder / "transformer" / "config.json"
+    data = json.loads(config.read_text())
+    config.write_text(json.dumps({**data, "num_layers": data["num_layers"] + 1}))
+    with pytest.raises(ModelFolderError, match="lacks .* weight"):
+        load_flux(folder, dtype=torch.float32)
+    config.write_text(json.dumps(data))
+    index = next((folder / "transformer").glob("*.index.json"))
+    shard = sorted((folder / "transformer").glob("*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:100])  # a truncated shard
+    with pytest.raises(ModelFolderError, match="could not be loaded"):
+        load_flux(folder, dtype=torch.float32)
+    assert index.is_file()
+    shutil.rmtree(folder)

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelFolderError
+from .checkpoint import short_error
 from .hub import missing_flux_files
 from .single_file import (CLIP_HINT, T5_HINT, inspect_clip_text, inspect_flux_transformer, inspect_flux_vae,
                           inspect_t5, load_clip_text, load_flux_transformer, load_flux_vae, load_t5_encoder,
@@ -35,7 +36,24 @@ def load_flux(folder: str | os.PathLike, dtype: torch.dtype = torch.bfloat16):
             f"{folder} is incomplete: {len(missing)} required file(s) missing, e.g. {', '.join(missing[:3])}. "
             "Download it again (downloads resume) or copy the missing files."
         )
-    pipe = FluxPipeline.from_pretrained(folder, torch_dtype=dtype)
+    from diffusers import FluxTransformer2DModel
+
+    try:
+        # the transformer on its own first: diffusers only logs weights the files lack and leaves them random
+        transformer, info = FluxTransformer2DModel.from_pretrained(folder / "transformer", torch_dtype=dtype,
+                                                                   output_loading_info=True)
+        missing = info.get("missing_keys") or []
+        if missing:
+            raise ModelFolderError(
+                f"{folder / 'transformer'} lacks {len(missing)} weight(s) its config.json needs (e.g. "
+                f"{', '.join(sorted(missing)[:3])}): the config and the weights do not belong together. Download "
+                "the folder again.")
+        pipe = FluxPipeline.from_pretrained(folder, transformer=transformer, torch_dtype=dtype)
+    except ModelFolderError:
+        raise
+    except Exception as err:  # noqa: BLE001 - JSON, shard, pickle and OS errors all mean a damaged folder
+        raise ModelFolderError(f"{folder} could not be loaded ({type(err).__name__}: {short_error(err)}): a file is "
+                               "damaged or incomplete. Download the folder again (downloads resume).") from err
     if not pipe.transformer.config.guidance_embeds:
         raise ModelFolderError(
             f"{folder} holds a FLUX model without guidance embedding (FLUX.1-schnell?); "
