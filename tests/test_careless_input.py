@@ -262,3 +262,12 @@ def test_a_flux_folder_whose_config_wants_more_blocks_than_its_weights_is_refuse
         load_flux(folder, dtype=torch.float32)
     assert index.is_file()
     shutil.rmtree(folder)
+
+
+def test_an_empty_mask_or_an_all_transparent_picture_is_refused():
+    picture = Image.new("RGB", (32, 32), (200, 30, 30))
+    with pytest.raises(InputError, match="mask is empty"):
+        prepare_reference(picture, "pad", torch.zeros(32, 32))
+    with pytest.raises(InputError, match="entirely white"):
+        prepare_reference(Image.new("RGBA", (32, 32), (200, 30, 30, 0)), "pad")
+    assert np.asarray(prepare_reference(picture, "pad", torch.ones(32, 32))).min() < 255

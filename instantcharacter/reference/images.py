@@ -110,8 +110,15 @@ def prepare_reference(image: Image.Image, fit: str = "stretch", mask=None, crop:
     """The square picture the encoders see: background made white (from ``mask``, 1 = character, or the
     alpha channel), optionally cropped to the character's bounding box plus ``margin`` × its longer side,
     then fitted to a square."""
+    if mask is not None and float(torch.as_tensor(mask, dtype=torch.float32).max()) <= 0:
+        raise InputError("The mask is empty (all 0): nothing of the picture would be kept. White (1) marks the "
+                         "character; a mask from Load Image is 1 on the transparent background, so put an InvertMask "
+                         "in between.")
     box = character_box(image, mask) if crop else None
     picture = apply_mask(image, mask) if mask is not None else to_rgb(image)
+    if int(np.asarray(picture).min()) == 255:
+        raise InputError(f"The reference ({image.width}×{image.height}) is entirely white once its transparent "
+                         "parts are made white: there is no character to read. Check the picture and its mask.")
     if box is not None:
         left, top, right, bottom = box
         pad = int(round(margin * max(right - left, bottom - top)))
