@@ -120,7 +120,8 @@ class Sampler(io.ComfyNode):
                 double_blocks_weight=double_blocks_weight, single_blocks_weight=single_blocks_weight,
                 character_on_negative=character_on_negative)
             memory = MemorySettings(offload, vram_budget_gb, fp8_storage, mm.get_torch_device())
-            result = generate(flux, adapter, character, settings, memory, init_latents=init, step_callback=on_step)
+            result = generate(flux, adapter, character, settings, memory, init_latents=init, step_callback=on_step,
+                              cancel_check=mm.throw_exception_if_processing_interrupted)
         except mm.OOM_EXCEPTION as err:
             if mm.OOM_EXCEPTION is Exception:
                 raise

@@ -271,3 +271,25 @@ def test_an_empty_mask_or_an_all_transparent_picture_is_refused():
     with pytest.raises(InputError, match="entirely white"):
         prepare_reference(Image.new("RGBA", (32, 32), (200, 30, 30, 0)), "pad")
     assert np.asarray(prepare_reference(picture, "pad", torch.ones(32, 32))).min() < 255
+
+
+class _Cancelled(Exception):
+    pass
+
+
+@pytest.mark.parametrize("at", [1, 2, 3, 4])
+def test_cancel_is_checked_between_every_phase(tiny_flux, tiny_adapter, features, reference, at):
+    """Cancel pressed while the prompts are encoded, the character tokens made or the pictures decoded stops
+    the run at the next phase, not after the first step; the models are left as they were."""
+    seen, steps = [], []
+
+    def cancel():
+        seen.append(len(steps))
+        if len(seen) == at:
+            raise _Cancelled
+
+    with pytest.raises(_Cancelled):
+        run_generation(tiny_flux, tiny_adapter, features, "a girl", **{**RUN, "decode": True, "batch_size": 2},
+                       offload="sequential", step_callback=lambda *a: steps.append(a), cancel_check=cancel)
+    assert seen[-1] == (0 if at <= 3 else RUN["steps"])  # 1-3: before the first step; 4: while decoding
+    assert torch.equal(run_generation(tiny_flux, tiny_adapter, features, "a girl", **RUN).latents, reference)

@@ -245,29 +245,32 @@ def _denoise(flux, settings: GenerationSettings, state: _Latents, prompts, attac
     return latents
 
 
-def _decode(flux, placement: Placement, raw: torch.Tensor, lat_h: int, lat_w: int) -> tuple[torch.Tensor, str]:
+def _decode(flux, placement: Placement, raw: torch.Tensor, lat_h: int, lat_w: int,
+            cancel_check) -> tuple[torch.Tensor, str]:
     """Decode as the placement plans it; an out-of-memory error retries in tiles."""
     how = placement.decode_plan(lat_h, lat_w, flux.vae.dtype)
     with placement.vae():
         try:
-            return decode_latents(flux, raw, how), how
+            return decode_latents(flux, raw, how, cancel_check=cancel_check), how
         except torch.cuda.OutOfMemoryError:
             if how == "tiled":
                 raise
             torch.cuda.empty_cache()
-            return decode_latents(flux, raw, "tiled"), "tiled"
+            return decode_latents(flux, raw, "tiled", cancel_check=cancel_check), "tiled"
 
 
 def generate(flux, adapter: InstantCharacterAdapter | None, features: ReferenceFeatures | None,
              settings: GenerationSettings, memory: MemorySettings = MemorySettings(), *,
              init_latents: torch.Tensor | None = None, loras: Sequence = (),
-             step_callback: Callable[[int, int], None] | None = None) -> GenerationResult:
+             step_callback: Callable[[int, int], None] | None = None,
+             cancel_check: Callable[[], None] | None = None) -> GenerationResult:
     """Generate ``settings.batch_size`` pictures of the character (or of the prompt alone, with neither
     ``adapter`` nor ``features``).
 
     ``init_latents`` (raw VAE space, [1 or B, 16, H/8, W/8]) with ``settings.denoise`` < 1 is img2img.
     ``step_callback(step, total)`` is called after every step; raising from it stops the run (that is how
-    Cancel works). Style LoRAs (those a :class:`~.lora.FluxWithLoras` ``flux`` carries, then ``loras``:
+    Cancel works); ``cancel_check()`` is called between the other phases (prompts, character tokens, each
+    decoded image) and may raise the same way. Style LoRAs (those a :class:`~.lora.FluxWithLoras` ``flux`` carries, then ``loras``:
     ``(path, strength)`` pairs) act for this run only. Whatever happens, the transformer's attention
     processors, its LoRA layers and the models' placement are restored before returning.
     """
@@ -281,7 +284,8 @@ def generate(flux, adapter: InstantCharacterAdapter | None, features: ReferenceF
     if init_latents is not None and not torch.isfinite(torch.as_tensor(init_latents)).all():
         raise InputError("The input LATENT holds NaN or infinite values.")
     with _run_lock(flux):  # one run at a time per pipeline: the scheduler and the processors are shared state
-        return _generate(flux, adapter, features, settings, memory, init_latents, loras, step_callback)
+        return _generate(flux, adapter, features, settings, memory, init_latents, loras, step_callback,
+                         cancel_check or (lambda: None))
 
 
 _LOCKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -304,8 +308,7 @@ _LOCKS_GUARD_FALLBACK = threading.Lock()
 
 
 def _generate(flux, adapter, features, settings: GenerationSettings, memory: MemorySettings, init_latents, loras,
-              step_callback) -> GenerationResult:
-
+              step_callback, cancel_check) -> GenerationResult:
     transformer, vae = flux.transformer, flux.vae
     dtype = transformer.dtype
     styles = StyleLoras(transformer, (*getattr(flux, "loras", ()), *loras))  # reads and checks; changes nothing
@@ -316,14 +319,17 @@ def _generate(flux, adapter, features, settings: GenerationSettings, memory: Mem
     attachment = None
     try:
         styles.apply()  # before placement.transformer() builds the streamer: the LoRA layers travel with their blocks
+        cancel_check()
         with placement.text_encoders():
             prompts = _encode_prompts(flux, settings, device)
+        cancel_check()
         state = _prepare_latents(flux, settings, init_latents, prompts[0][0].dtype, device)
         tokens = None
         if adapter is not None:
             with placement.projector():
                 tokens = character_tokens(adapter, features, state.timesteps, dtype).to(device)
             attachment = _attach_character(transformer, adapter, settings, state.image_seq_len)
+            cancel_check()
         with placement.transformer(), torch.inference_mode():
             latents = _denoise(flux, settings, state, prompts, attachment, tokens, step_callback)
     finally:
@@ -334,7 +340,8 @@ def _generate(flux, adapter, features, settings: GenerationSettings, memory: Mem
 
     raw = flux._unpack_latents(latents, settings.height, settings.width, flux.vae_scale_factor)
     raw = raw / vae.config.scaling_factor + vae.config.shift_factor
-    images, how = (_decode(flux, placement, raw, state.lat_h, state.lat_w) if settings.decode else (None, ""))
+    images, how = (_decode(flux, placement, raw, state.lat_h, state.lat_w, cancel_check) if settings.decode
+                   else (None, ""))
     streamed = placement.streamer.bytes_moved if placement.streamer is not None else 0
     return GenerationResult(images=images, latents=raw.float().cpu(), offload=placement.describe(),
                             bytes_streamed=streamed, decode=how)
@@ -362,7 +369,7 @@ DECODE_TILE_LATENT = 64  # 512-pixel tiles, overlapping by a quarter (diffusers'
 
 
 def decode_latents(flux, raw_latents: torch.Tensor, how: str = "batch",
-                   tile_latent: int = DECODE_TILE_LATENT) -> torch.Tensor:
+                   tile_latent: int = DECODE_TILE_LATENT, cancel_check=None) -> torch.Tensor:
     """Raw VAE latents [B, 16, h, w] → images [B, H, W, 3] in 0–1, on the CPU.
 
     ``how``: ``batch`` decodes all at once; ``per_image`` one image at a time (same result, less memory);
@@ -376,6 +383,8 @@ def decode_latents(flux, raw_latents: torch.Tensor, how: str = "batch",
     out = []
     with torch.inference_mode():
         for z in chunks:
+            if cancel_check is not None:
+                cancel_check()
             z = z.to(p.device, p.dtype)
             decoded = _tiled_decode(vae, z, tile_latent) if how == "tiled" else vae.decode(z, return_dict=False)[0]
             out.append((decoded.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu())
