@@ -26,6 +26,15 @@ from ..instantcharacter.run.native import CallState, CharacterSet
 
 log = logging.getLogger(__name__)
 
+
+def _eager(fn):
+    """Run ``fn`` (and what it calls) outside torch.compile's tracing. Under ComfyUI's TorchCompileModel the
+    per-call state, the hooks registered for one block call and the per-block layer choice would otherwise make
+    dynamo recompile block after block until it gives up (its recompile limit); outside tracing, the rest of
+    the model still compiles and nothing recompiles per step. The patched blocks then run eagerly."""
+    disable = getattr(getattr(torch, "_dynamo", None), "disable", None)
+    return disable(fn) if disable is not None else fn
+
 WRAPPER_KEY = "instantcharacter"
 NOT_FLUX = ("InstantCharacter Apply works on a FLUX.1-dev MODEL (Load Diffusion Model, a GGUF or fp8 loader); "
             "this one {}.")
@@ -117,6 +126,7 @@ class CharacterBlockPatch:
     def add(self, callback, **kwargs) -> None:
         self.foreign.append((callback, kwargs))
 
+    @_eager
     def __call__(self, args, extra):
         call = self.characters.call
         inner = extra["original_block"]
@@ -210,16 +220,25 @@ def call_state(characters: CharacterSet, model, x, timestep, context, ref_latent
 def diffusion_model_wrapper(characters: CharacterSet):
     """A ``DIFFUSION_MODEL`` wrapper that gives every block of this model call the call's state."""
 
-    def wrapper(executor, x, timestep, context, y=None, guidance=None, ref_latents=None, control=None,
-                transformer_options=None, **kwargs):
-        options = transformer_options or {}
+    @_eager
+    def begin(executor, x, timestep, context, ref_latents, options):
         previous = characters.call, getattr(characters, "model", None)
         characters.model = executor.class_obj
         characters.call = call_state(characters, executor.class_obj, x, timestep, context, ref_latents, options)
+        return previous
+
+    @_eager
+    def end(previous):
+        characters.call, characters.model = previous
+
+    def wrapper(executor, x, timestep, context, y=None, guidance=None, ref_latents=None, control=None,
+                transformer_options=None, **kwargs):
+        options = transformer_options or {}
+        previous = begin(executor, x, timestep, context, ref_latents, options)
         try:
             return executor(x, timestep, context, y, guidance, ref_latents, control, transformer_options, **kwargs)
         finally:
-            characters.call, characters.model = previous
+            end(previous)
 
     return wrapper
 
