@@ -192,9 +192,12 @@ def test_offload_modes_give_the_same_result_on_cpu(tiny_flux, tiny_adapter, feat
     assert torch.equal(base.latents, other.latents)
 
 
-@pytest.mark.parametrize("width,height", [(65, 64), (64, 100), (8, 64)])
-def test_sizes_must_be_multiples_of_16(tiny_flux, tiny_adapter, features, width, height):
-    with pytest.raises(InputError, match="multiple of 16"):
+@pytest.mark.parametrize("width,height,message", [(65, 64, "multiple of 16 .*use 64 or 80"),
+                                                  (64, 100, "multiple of 16 .*use 96 or 112"),
+                                                  (8, 64, "outside 16–4096")])
+def test_sizes_must_be_multiples_of_16_within_the_nodes_range(tiny_flux, tiny_adapter, features, width, height,
+                                                              message):
+    with pytest.raises(InputError, match=message):
         _run(tiny_flux, tiny_adapter, features, width=width, height=height)
 
 
