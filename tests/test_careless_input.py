@@ -293,3 +293,13 @@ def test_cancel_is_checked_between_every_phase(tiny_flux, tiny_adapter, features
                        offload="sequential", step_callback=lambda *a: steps.append(a), cancel_check=cancel)
     assert seen[-1] == (0 if at <= 3 else RUN["steps"])  # 1-3: before the first step; 4: while decoding
     assert torch.equal(run_generation(tiny_flux, tiny_adapter, features, "a girl", **RUN).latents, reference)
+
+
+def test_a_folder_given_as_the_adapter_or_lora_file_is_named_a_folder(tmp_path, tiny_flux):
+    from instantcharacter.files.adapter_file import load_adapter
+    from instantcharacter.files.lora_file import read_lora
+
+    with pytest.raises(AdapterFileError, match="is a folder"):
+        load_adapter(tmp_path)
+    with pytest.raises(LoraFileError, match="is a folder"):
+        read_lora(tmp_path)

@@ -324,6 +324,7 @@ def test_failed_transfer_leaves_folder_incomplete_and_next_call_completes_it(rep
         # the shard index may not have arrived either: then the shard is not listed by name)
         assert hub.missing_flux_files(dest) and not (dest / SHARD).exists()
         arrived = {p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file() and ".cache" not in p.parts}
+        assert not list(dest.rglob("*.lock")), "the failed download left huggingface_hub's lock files behind"
         hubstand.clear_log()
         assert hub.download(hub.FLUX_DEV, dest, endpoint=hubstand.endpoint) == dest
         fetched = hubstand.files_downloaded(FLUX)

@@ -28,6 +28,9 @@ EXPECTED = (
 
 
 def _read(path: Path) -> dict:
+    if path.is_dir():
+        raise AdapterFileError(f"{path} is a folder; the adapter is one file: give the path of "
+                               f"instantcharacter_ip-adapter.bin inside it. Expected {EXPECTED}.")
     if not path.is_file():
         raise AdapterFileError(f"Adapter file not found: {path}. Expected {EXPECTED}.")
     if path.stat().st_size == 0:

@@ -108,6 +108,7 @@ def download(model: HubModel, dest: str | os.PathLike, progress: Callable[[int, 
         _snapshot(model, dest, _progress_tqdm(progress) if progress else None, endpoint)
         return _check_complete(model, dest)
     except DownloadError:
+        _remove_lock_files(dest)
         for folder in created:  # a download that got nothing leaves nothing behind, not even empty parents
             if folder.is_dir() and not any(folder.iterdir()):
                 folder.rmdir()
@@ -174,6 +175,22 @@ def _files_to_fetch(model: HubModel, dest: Path, endpoint: str | None) -> list[s
             f"downloaded. The server is not the real Hugging Face Hub or is compromised: check HF_ENDPOINT "
             f"(unset it to use huggingface.co), {_manual_hint(model, dest)}.")
     return wanted
+
+
+def _remove_lock_files(dest: Path) -> None:
+    """huggingface_hub's ``.lock`` files (and the folders left empty without them) under ``dest/.cache``: a failed
+    download leaves them; the ``.metadata`` files that let the next run resume are kept."""
+    cache = dest / ".cache" / "huggingface"
+    if not cache.is_dir():
+        return
+    for lock in cache.rglob("*.lock"):
+        lock.unlink(missing_ok=True)
+    for folder in sorted((p for p in cache.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        if not any(folder.iterdir()):
+            folder.rmdir()
+    for folder in (cache, cache.parent):
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
 
 
 def _no_answer_errors() -> tuple[type[BaseException], ...]:

@@ -68,6 +68,8 @@ def read_lora(path: str | os.PathLike) -> ParsedLora:
     """Read a FLUX LoRA file and convert it to diffusers naming. Cached: reading the same unchanged file again
     costs nothing."""
     path = Path(path)
+    if path.is_dir():
+        raise LoraFileError(f"{path} is a folder; a LoRA is one file (.safetensors): give the file's path.")
     if not path.is_file():
         raise LoraFileError(f"LoRA file not found: {path}. Put FLUX.1 LoRAs in ComfyUI's models/loras folder.")
     key = file_key(path)
