@@ -70,13 +70,15 @@ class EncodeReference(io.ComfyNode):
     @classmethod
     def execute(cls, encoders, image, fit, crop_to_character, margin, weights="", mask=None, image_2=None,
                 mask_2=None, image_3=None, mask_3=None, image_4=None, mask_4=None) -> io.NodeOutput:
+        import comfy.model_management
         import torch
 
         views = [("image", image, "mask", mask), ("image_2", image_2, "mask_2", mask_2),
                  ("image_3", image_3, "mask_3", mask_3), ("image_4", image_4, "mask_4", mask_4)]
         squares = reference_squares(views, fit, crop_to_character, margin)
         with encoders_on_device(encoders):
-            features = encoders.encode_squares(squares, parse_weights(weights, len(squares)))
+            features = encoders.encode_squares(squares, parse_weights(weights, len(squares)),
+                                               cancel_check=comfy.model_management.throw_exception_if_processing_interrupted)
         prepared = torch.stack([pil_to_tensor(sq.resize((LOW_RES, LOW_RES))) for sq in squares])
         return io.NodeOutput(features.to("cpu"), prepared)
 

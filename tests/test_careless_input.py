@@ -277,29 +277,64 @@ class _Cancelled(Exception):
     pass
 
 
-@pytest.mark.parametrize("at", [1, 2, 3, 4])
-def test_cancel_is_checked_between_every_phase(tiny_flux, tiny_adapter, features, reference, at):
+def test_cancel_is_checked_between_every_phase(tiny_flux, tiny_adapter, features, reference):
     """Cancel pressed while the prompts are encoded, the character tokens made or the pictures decoded stops
-    the run at the next phase, not after the first step; the models are left as they were."""
-    seen, steps = [], []
+    the run there, not after the first step; the models are left as they were."""
+    kwargs = {**RUN, "decode": True, "batch_size": 2}
+    record, steps = [], []
+    run_generation(tiny_flux, tiny_adapter, features, "a girl", **kwargs, offload="sequential",
+                   step_callback=lambda *a: steps.append(a), cancel_check=lambda: record.append(len(steps)))
+    assert record[0] == 0 and record.count(0) >= 4  # before, inside and after the prompts, after the tokens
+    assert record.count(RUN["steps"]) >= 4  # each of the 2 pictures, before its VAE decoder
+    for at in sorted({0, record.count(0) - 1, record.index(RUN["steps"]), len(record) - 1}):
+        calls, steps = [], []
 
-    def cancel():
-        seen.append(len(steps))
-        if len(seen) == at:
-            raise _Cancelled
+        def cancel():
+            calls.append(1)
+            if len(calls) == at + 1:
+                raise _Cancelled
 
-    with pytest.raises(_Cancelled):
-        run_generation(tiny_flux, tiny_adapter, features, "a girl", **{**RUN, "decode": True, "batch_size": 2},
-                       offload="sequential", step_callback=lambda *a: steps.append(a), cancel_check=cancel)
-    assert seen[-1] == (0 if at <= 3 else RUN["steps"])  # 1-3: before the first step; 4: while decoding
+        with pytest.raises(_Cancelled):
+            run_generation(tiny_flux, tiny_adapter, features, "a girl", **kwargs, offload="sequential",
+                           step_callback=lambda *a: steps.append(a), cancel_check=cancel)
+        assert len(steps) == record[at]
     assert torch.equal(run_generation(tiny_flux, tiny_adapter, features, "a girl", **RUN).latents, reference)
 
 
-def test_a_folder_given_as_the_adapter_or_lora_file_is_named_a_folder(tmp_path, tiny_flux):
-    from instantcharacter.files.adapter_file import load_adapter
-    from instantcharacter.files.lora_file import read_lora
+def test_cancel_reaches_inside_t5_the_vae_decode_and_the_encoders(tiny_flux, tiny_adapter, tiny_encoders, features,
+                                                                  reference):
+    t5_blocks = len(tiny_flux.text_encoder_2.encoder.block)
+    calls = []
 
-    with pytest.raises(AdapterFileError, match="is a folder"):
-        load_adapter(tmp_path)
-    with pytest.raises(LoraFileError, match="is a folder"):
-        read_lora(tmp_path)
+    def cancel_at(n):
+        def check():
+            calls.append(1)
+            if len(calls) == n:
+                raise _Cancelled
+        return check
+
+    # 1 check before the prompts, then one per T5 block: cancelled inside the encoding, before any step
+    steps = []
+    with pytest.raises(_Cancelled):
+        run_generation(tiny_flux, tiny_adapter, features, "a girl", **RUN, step_callback=lambda *a: steps.append(a),
+                       cancel_check=cancel_at(1 + t5_blocks))
+    assert not steps
+    # the decode: after the last step, the check before the image and then the one before the VAE decoder
+    seen, after = [], []
+
+    def in_decode():
+        if len(seen) == RUN["steps"]:
+            after.append(1)
+            if len(after) == 2:
+                raise _Cancelled
+
+    with pytest.raises(_Cancelled):
+        run_generation(tiny_flux, tiny_adapter, features, "a girl", **{**RUN, "decode": True}, offload="sequential",
+                       step_callback=lambda *a: seen.append(a), cancel_check=in_decode)
+    assert len(seen) == RUN["steps"] and len(after) == 2
+    calls.clear()
+    with pytest.raises(_Cancelled):  # the encoders: before one of their layers
+        tiny_encoders.encode_squares([Image.new("RGB", (384, 384), (90, 20, 20))], cancel_check=cancel_at(3))
+    assert not any(m._forward_pre_hooks for m in tiny_encoders.siglip.modules())
+    assert not any(m._forward_pre_hooks for m in tiny_flux.vae.modules())
+    assert torch.equal(run_generation(tiny_flux, tiny_adapter, features, "a girl", **RUN).latents, reference)

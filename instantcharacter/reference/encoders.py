@@ -6,11 +6,13 @@ from __future__ import annotations
 import math
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
 from PIL import Image
 
+from ..cancel import cancel_points
 from ..errors import InputError
 from .images import LOW_RES, prepare_reference, reference_views
 
@@ -51,6 +53,14 @@ class ReferenceFeatures:
         w = (w / w.sum()).tolist()
         fields = zip(*(f.tensors() for f in items))
         return ReferenceFeatures(*(sum(wi * t.float() for wi, t in zip(w, ts)).to(ts[0].dtype) for ts in fields))
+
+
+def _blocks(model, path: str) -> list:
+    """The transformer layers of an encoder (for cancel points), or the whole model if it is built otherwise."""
+    found = model
+    for name in path.split("."):
+        found = getattr(found, name, None)
+    return list(found) if found is not None else [model]
 
 
 def parse_weights(text: str, count: int) -> list[float] | None:
@@ -133,8 +143,12 @@ class ReferenceEncoders:
         squares = [prepare_reference(im, fit, m, crop, margin) for im, m in zip(images, masks)]
         return self.encode_squares(squares, weights)
 
-    def encode_squares(self, squares: list[Image.Image], weights: list[float] | None = None) -> ReferenceFeatures:
-        return ReferenceFeatures.blend([self.encode_square(sq) for sq in squares], weights)
+    def encode_squares(self, squares: list[Image.Image], weights: list[float] | None = None,
+                       cancel_check: Callable[[], None] | None = None) -> ReferenceFeatures:
+        """``cancel_check()`` runs before every encoder layer (it stops the encoding by raising)."""
+        layers = [*_blocks(self.siglip, "vision_model.encoder.layers"), *_blocks(self.dino, "encoder.layer")]
+        with cancel_points(layers, cancel_check):
+            return ReferenceFeatures.blend([self.encode_square(sq) for sq in squares], weights)
 
     @torch.inference_mode()
     def embed(self, squares: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,6 +22,7 @@ import torch
 
 from ..model.adapter import InstantCharacterAdapter, attach
 from ..reference.encoders import ReferenceFeatures
+from ..cancel import cancel_points
 from ..errors import InputError
 from .lora import StyleLoras
 from .memory import Placement
@@ -249,7 +250,7 @@ def _decode(flux, placement: Placement, raw: torch.Tensor, lat_h: int, lat_w: in
             cancel_check) -> tuple[torch.Tensor, str]:
     """Decode as the placement plans it; an out-of-memory error retries in tiles."""
     how = placement.decode_plan(lat_h, lat_w, flux.vae.dtype)
-    with placement.vae():
+    with placement.vae(), cancel_points([flux.vae.decoder], cancel_check):  # per image, and per tile when tiled
         try:
             return decode_latents(flux, raw, how, cancel_check=cancel_check), how
         except torch.cuda.OutOfMemoryError:
@@ -269,8 +270,8 @@ def generate(flux, adapter: InstantCharacterAdapter | None, features: ReferenceF
 
     ``init_latents`` (raw VAE space, [1 or B, 16, H/8, W/8]) with ``settings.denoise`` < 1 is img2img.
     ``step_callback(step, total)`` is called after every step; raising from it stops the run (that is how
-    Cancel works); ``cancel_check()`` is called between the other phases (prompts, character tokens, each
-    decoded image) and may raise the same way. Style LoRAs (those a :class:`~.lora.FluxWithLoras` ``flux`` carries, then ``loras``:
+    Cancel works); ``cancel_check()`` is called between the other phases and inside the long ones (before every
+    T5 block, every decoded image or tile) and may raise the same way. Style LoRAs (those a :class:`~.lora.FluxWithLoras` ``flux`` carries, then ``loras``:
     ``(path, strength)`` pairs) act for this run only. Whatever happens, the transformer's attention
     processors, its LoRA layers and the models' placement are restored before returning.
     """
@@ -320,7 +321,8 @@ def _generate(flux, adapter, features, settings: GenerationSettings, memory: Mem
     try:
         styles.apply()  # before placement.transformer() builds the streamer: the LoRA layers travel with their blocks
         cancel_check()
-        with placement.text_encoders():
+        t5_blocks = getattr(getattr(flux.text_encoder_2, "encoder", None), "block", [])
+        with placement.text_encoders(), cancel_points(t5_blocks, cancel_check):
             prompts = _encode_prompts(flux, settings, device)
         cancel_check()
         state = _prepare_latents(flux, settings, init_latents, prompts[0][0].dtype, device)
