@@ -338,3 +338,26 @@ def test_cancel_reaches_inside_t5_the_vae_decode_and_the_encoders(tiny_flux, tin
     assert not any(m._forward_pre_hooks for m in tiny_encoders.siglip.modules())
     assert not any(m._forward_pre_hooks for m in tiny_flux.vae.modules())
     assert torch.equal(run_generation(tiny_flux, tiny_adapter, features, "a girl", **RUN).latents, reference)
+
+
+def test_a_malicious_pickle_in_an_encoder_folder_is_refused_without_library_advice(tmp_path):
+    import os
+    import pickle
+
+    from instantcharacter.errors import ModelFolderError
+    from instantcharacter.files.encoders import load_reference_encoders
+    from instantcharacter.testing.tiny import write_tiny_dinov2, write_tiny_siglip
+
+    siglip, dino = write_tiny_siglip(tmp_path / "siglip"), write_tiny_dinov2(tmp_path / "dino")
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    (siglip / "model.safetensors").unlink()
+    with open(siglip / "pytorch_model.bin", "wb") as f:
+        pickle.dump({"vision_model.embeddings.patch_embedding.weight": Payload()}, f)
+    with pytest.raises(ModelFolderError, match="not loaded .*could run code") as info:
+        load_reference_encoders(siglip, dino)
+    assert "weights_only=False" not in str(info.value) and not marker.exists()

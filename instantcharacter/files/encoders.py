@@ -78,6 +78,11 @@ def _from_pretrained(cls, folder: Path, dtype: torch.dtype, role: str):
         try:
             model, info = cls.from_pretrained(folder, dtype=dtype, output_loading_info=True)
         except Exception as err:  # noqa: BLE001 - JSON, shard, pickle and OS errors all mean a damaged folder
+            if "weights_only" in str(err) or "Unsupported global" in str(err):
+                raise ModelFolderError(
+                    f"The {role} folder {folder} holds pickled weights with Python objects other than tensors, "
+                    "which are not loaded (they could run code). Use the model's .safetensors weights: download "
+                    "the folder again.") from err
             raise ModelFolderError(
                 f"The {role} folder {folder} could not be loaded ({type(err).__name__}: {short_error(err)}). Its "
                 "files are incomplete, damaged or not safe to open: download it again.") from err
