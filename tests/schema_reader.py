@@ -90,6 +90,7 @@ def _install_standins() -> dict:
     for sub in ("utils", "model_management", "model_patcher", "patcher_extension", "sd"):
         setattr(comfy, sub, types.ModuleType(f"comfy.{sub}"))
     comfy.model_management.get_torch_device = lambda: "cpu"
+    comfy.model_management.throw_exception_if_processing_interrupted = lambda: None  # nobody presses Cancel here
     return {"comfy_api": comfy_api, "comfy_api.latest": latest, "comfy_api.latest.io": io,
             "folder_paths": folder_paths, "comfy": comfy,
             **{f"comfy.{s}": getattr(comfy, s) for s in ("utils", "model_management", "model_patcher",
