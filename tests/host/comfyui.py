@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -98,6 +99,10 @@ class ComfyServer:
     def log_tail(self, n: int = 60) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
 
+    def plain_log(self) -> str:
+        """The whole log without the colour codes newer ComfyUIs put in it."""
+        return re.sub(r"\x1b\[[0-9;]*m", "", self.log_path.read_text(errors="replace"))
+
     def get(self, path: str):
         with urllib.request.urlopen(self.url + path, timeout=30) as r:
             return json.load(r)
@@ -179,3 +184,12 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
             inputs[name] = [str(link[1]), link[2]]
         prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
     return prompt
+
+
+def combo_options(object_info: dict, class_type: str, name: str) -> list | None:
+    """The values a combo input of a node offers (None: not a combo); newer ComfyUIs refuse any other value."""
+    info = object_info[class_type]["input"]
+    spec = info.get("required", {}).get(name) or info.get("optional", {}).get(name)
+    if spec is None or not (isinstance(spec[0], list) or spec[0] == "COMBO"):
+        return None
+    return spec[0] if isinstance(spec[0], list) else spec[1].get("options", [])

@@ -1,3 +1,5 @@
+import importlib
+import importlib.util
 import shutil
 import sys
 from pathlib import Path
@@ -63,3 +65,46 @@ def server(host_models, tmp_path_factory):
 
         Image.open(ASSETS / "img2img_scene.png").resize((128, 128)).save(srv.input_dir / "img2img_scene.png")
         yield srv
+
+
+PACK_PACKAGE = "instantcharacter_pack_native"
+
+
+@pytest.fixture(scope="session")
+def comfy():
+    """ComfyUI's own modules, imported in-process as ``main.py --cpu`` would (for the in-process host tests)."""
+    if comfyui_dir() is None:
+        pytest.skip(SKIP_REASON)
+    sys.path.insert(0, str(comfyui_dir()))
+    try:
+        import comfy.cli_args
+
+        comfy.cli_args.args.cpu = True  # as main.py --cpu; must precede comfy.model_management
+        import comfy.ldm.flux.model  # noqa: F401
+        import comfy.model_patcher  # noqa: F401
+        import comfy.ops  # noqa: F401
+        import comfy.sd  # noqa: F401
+    except ImportError as err:
+        pytest.skip(f"ComfyUI does not import in this Python ({err}); run the host tests with ComfyUI's Python")
+    import comfy as module
+
+    return module
+
+
+@pytest.fixture(scope="session")
+def pack(comfy):
+    """The pack's native patch module, with the pack imported as ComfyUI imports a custom node (once)."""
+    if PACK_PACKAGE not in sys.modules:
+        spec = importlib.util.spec_from_file_location(PACK_PACKAGE, ASSETS.parent / "__init__.py",
+                                                      submodule_search_locations=[str(ASSETS.parent)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[PACK_PACKAGE] = module
+        spec.loader.exec_module(module)
+    return importlib.import_module(f"{PACK_PACKAGE}.nodes.native_patch")
+
+
+@pytest.fixture(scope="session")
+def features(tiny_encoders):
+    from PIL import Image
+
+    return tiny_encoders.encode([Image.open(ASSETS / "reference_girl.png")])

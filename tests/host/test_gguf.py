@@ -33,7 +33,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
 from comfyui import SKIP_REASON, comfyui_dir
 
@@ -68,25 +67,6 @@ pytestmark = [pytest.mark.skipif(comfyui_dir() is None, reason=SKIP_REASON),
 
 
 @pytest.fixture(scope="module")
-def comfy():
-    if comfyui_dir() is None:
-        pytest.skip(SKIP_REASON)
-    sys.path.insert(0, str(comfyui_dir()))
-    try:
-        import comfy.cli_args
-
-        comfy.cli_args.args.cpu = True  # as main.py --cpu; must precede comfy.model_management
-        import comfy.ldm.flux.model  # noqa: F401
-        import comfy.model_patcher  # noqa: F401
-        import comfy.sd  # noqa: F401
-    except ImportError as err:
-        pytest.skip(f"ComfyUI does not import in this Python ({err}); run the host tests with ComfyUI's Python")
-    import comfy as module
-
-    return module
-
-
-@pytest.fixture(scope="module")
 def comfyui_gguf(request):
     """ComfyUI-GGUF imported as ComfyUI imports a custom node: its folder as a package, its ``__init__`` run."""
     if comfyui_dir() is None:
@@ -117,22 +97,6 @@ def comfyui_gguf(request):
     module = sys.modules[GGUF_PACKAGE]
     assert "UnetLoaderGGUF" in getattr(module, "NODE_CLASS_MAPPINGS", {}), "ComfyUI-GGUF exported no UnetLoaderGGUF"
     return module
-
-
-@pytest.fixture(scope="module")
-def pack(comfy):
-    name = "instantcharacter_pack_native"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return importlib.import_module(f"{name}.nodes.native")
-
-
-@pytest.fixture(scope="module")
-def features(tiny_encoders):
-    return tiny_encoders.encode([Image.open(ROOT / "assets" / "reference_girl.png")])
 
 
 @contextlib.contextmanager
@@ -230,7 +194,8 @@ def _inputs(tiny_flux, batch=2, side=8, text_len=9):
 
 
 def _apply(pack, model, adapter, features, weight=0.9):
-    out = pack.ApplyToModel.execute(model, adapter, features, weight, 0.0, 1.0, True)
+    apply_node = importlib.import_module(pack.__name__.rpartition(".")[0] + ".native").ApplyToModel
+    out = apply_node.execute(model, adapter, features, weight, 0.0, 1.0, True)
     return out.args[0] if hasattr(out, "args") else out[0]
 
 

@@ -6,46 +6,12 @@ the same character, noise, sigmas and conditioning → the native patch and the 
 
 import copy
 import importlib
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
-
-from comfyui import SKIP_REASON, comfyui_dir
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def comfy():
-    if comfyui_dir() is None:
-        pytest.skip(SKIP_REASON)
-    sys.path.insert(0, str(comfyui_dir()))
-    try:
-        import comfy.cli_args
-
-        comfy.cli_args.args.cpu = True  # as main.py --cpu; must precede comfy.model_management
-        import comfy.ldm.flux.model  # noqa: F401
-        import comfy.model_patcher  # noqa: F401
-        import comfy.ops  # noqa: F401
-    except ImportError as err:
-        pytest.skip(f"ComfyUI does not import in this Python ({err}); run the host tests with ComfyUI's Python")
-    import comfy as module
-
-    return module
-
-
-@pytest.fixture(scope="module")
-def pack(comfy):
-    spec = importlib.util.spec_from_file_location("instantcharacter_pack_native", ROOT / "__init__.py",
-                                                  submodule_search_locations=[str(ROOT)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return importlib.import_module(f"{spec.name}.nodes.native_patch")
 
 
 @pytest.fixture(scope="module")
@@ -82,11 +48,6 @@ def _comfy_twin(t, dtype, operations, **extra):
     if unknown:
         pytest.skip(f"this ComfyUI's FLUX has no {', '.join(sorted(unknown))}")
     return Flux(**{k: v for k, v in params.items() if k in fields}, dtype=dtype, operations=operations)
-
-
-@pytest.fixture(scope="module")
-def features(tiny_encoders):
-    return tiny_encoders.encode([Image.open(ROOT / "assets" / "reference_girl.png")])
 
 
 def _inputs(flux, batch=2, side=8, text_len=9):

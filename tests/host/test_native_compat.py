@@ -15,7 +15,7 @@ import re
 
 import torch
 
-from test_native import (_apply, _diffusers_call, _inputs, comfy, features, pack)  # noqa: F401  (fixtures)
+from test_native import _apply, _diffusers_call, _inputs
 
 CPU = torch.device("cpu")
 

@@ -8,7 +8,6 @@ FLUX; generated once and cached) and the full-width random VAE and tiny image en
 import copy
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from comfyui import ComfyServer, comfyui_dir, error_message, ui_to_api
+from comfyui import ComfyServer, combo_options, comfyui_dir, error_message, ui_to_api
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKFLOW = ROOT / "workflows" / "instantcharacter_native_ksampler.json"
@@ -79,15 +78,6 @@ def object_info(native_server):
     return native_server.get("/object_info")
 
 
-def _combo_options(object_info, class_type, name):
-    """The values a combo input offers (None: not a combo)."""
-    info = object_info[class_type]["input"]
-    spec = info.get("required", {}).get(name) or info.get("optional", {}).get(name)
-    if spec is None or not (isinstance(spec[0], list) or spec[0] == "COMBO"):
-        return None
-    return spec[0] if isinstance(spec[0], list) else spec[1].get("options", [])
-
-
 def _prompt_text(workflow):
     return next(n["widgets_values"][0] for n in json.loads(workflow.read_text())["nodes"] if n["type"] == "CLIPTextEncode")
 
@@ -126,7 +116,7 @@ def _native_prompt(object_info, skeletons, weight=None, workflow=WORKFLOW, weigh
     # post only values the nodes offer (v0.33 refuses others)
     for node in prompt.values():
         for name, value in node["inputs"].items():
-            offered = _combo_options(object_info, node["class_type"], name)
+            offered = combo_options(object_info, node["class_type"], name)
             if isinstance(value, str) and offered is not None:
                 assert value in offered, (node["class_type"], name, value, offered)
     return prompt
@@ -146,10 +136,6 @@ def _run(server, prompt, label):
     print(f"\n[native server] {label}: {entry['status']['status_str']} in {took:.0f} s", flush=True)
     assert entry["status"]["status_str"] == "success", error_message(entry) + "\n" + server.log_tail(120)
     return _picture(server, entry)
-
-
-def _plain_log(server):
-    return re.sub(r"\x1b\[[0-9;]*m", "", server.log_path.read_text(errors="replace"))  # newer ComfyUIs colour it
 
 
 DETECT_PROBE = """
@@ -196,7 +182,7 @@ def test_the_shipped_native_workflow_saves_a_picture(pictures, native_server):
     picture = pictures["shipped"]
     assert picture.shape == (SIZE, SIZE, 3)
     assert np.isfinite(picture).all() and picture.std() > 0, "a blank picture (NaN or constant output)"
-    log = _plain_log(native_server)
+    log = native_server.plain_log()
     assert "invalid value encountered" not in log, "NaN in the decoded picture:\n" + native_server.log_tail(80)
     complaints = [line for line in log.splitlines() if any(c in line for c in LOADER_COMPLAINTS)]
     assert not complaints, "a skeleton file does not fit ComfyUI's model:\n" + "\n".join(complaints)[:3000]
@@ -211,7 +197,7 @@ def test_weight_zero_changes_the_picture_and_the_model_comes_back_clean(pictures
 
 
 def test_the_server_log_has_no_memory_leak_warning(pictures, native_server):
-    leaks = [line for line in _plain_log(native_server).splitlines() if LEAK in line]
+    leaks = [line for line in native_server.plain_log().splitlines() if LEAK in line]
     assert not leaks, "\n".join(leaks)
 
 

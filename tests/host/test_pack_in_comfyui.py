@@ -3,7 +3,6 @@
 import copy
 import json
 import os
-import re
 import subprocess
 import sys
 import shutil
@@ -14,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from comfyui import PACK, comfyui_dir, error_message, ui_to_api, widget_inputs
+from comfyui import PACK, combo_options, comfyui_dir, error_message, ui_to_api, widget_inputs
 
 WORKFLOWS = Path(__file__).resolve().parents[2] / "workflows"
 SIZE = 64
@@ -67,7 +66,7 @@ print(len(nodes), sorted(m for m in ("diffusers", "peft", "accelerate") if m in 
 def test_the_pack_loads_without_the_heavy_libraries(server):
     """ComfyUI imports every pack at start-up: ours must list its nodes without importing diffusers, PEFT or
     accelerate (they load when a node first runs)."""
-    plain = re.sub(r"\x1b\[[0-9;]*m", "", server.log_path.read_text())  # newer ComfyUIs colour their log
+    plain = server.plain_log()
     assert any("ComfyUI-InstantCharacter" in line and "seconds" in line and "IMPORT FAILED" not in line
                for line in plain.splitlines())
     python = os.environ.get("COMFYUI_PYTHON", sys.executable)
@@ -108,17 +107,11 @@ def _fast(prompt, object_info):
     # one precision for every model of the graph (mixed ones round differently in the streaming modes):
     # fp32 if every loader offers it, else bf16; newer ComfyUIs refuse a combo value a node does not list
     loaders = [node for node in prompt.values() if "weight_dtype" in node["inputs"]]
-    offered = [set(_combo_options(object_info, node["class_type"], "weight_dtype")) for node in loaders]
+    offered = [set(combo_options(object_info, node["class_type"], "weight_dtype")) for node in loaders]
     dtype = "fp32" if all("fp32" in o for o in offered) else "bf16"
     for node in loaders:
         node["inputs"]["weight_dtype"] = dtype
     return prompt
-
-
-def _combo_options(object_info, class_type, name):
-    info = object_info[class_type]["input"]
-    spec = info.get("required", {}).get(name) or info.get("optional", {}).get(name)
-    return spec[0] if isinstance(spec[0], list) else spec[1].get("options", [])
 
 
 def _saved_images(server, entry):
