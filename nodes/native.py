@@ -4,25 +4,9 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
+from .adapter_memory import adapter_patcher
 from .native_patch import WRAPPER_KEY
 from .types import CATEGORY, Adapter, Character
-
-ADAPTER_PATCHER = "_instantcharacter_comfy_patcher"
-
-
-def adapter_patcher(adapter):
-    """The one ModelPatcher of a loaded adapter, made on first use and kept with the adapter, so every Apply that
-    uses it (and every run) is the same model to ComfyUI's memory management: counted once, loaded once."""
-    import comfy.model_management as mm
-    import comfy.model_patcher
-
-    patcher = adapter.__dict__.get(ADAPTER_PATCHER)
-    if patcher is None:
-        patcher = comfy.model_patcher.ModelPatcher(adapter, load_device=mm.get_torch_device(),
-                                                   offload_device=mm.unet_offload_device())
-        adapter.__dict__[ADAPTER_PATCHER] = patcher
-    return patcher
-
 
 class ApplyToModel(io.ComfyNode):
     @classmethod

@@ -23,6 +23,8 @@ class HeadNorm(nn.Module):
     Not ``torch.nn.RMSNorm``: the eps is added to the root mean square, not inside the square root.
     """
 
+    casts_own_parameters = True  # its forward copies ``scale`` to the input's device (see forward)
+
     def __init__(self, dim: int = IP_HEAD_DIM, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
@@ -30,13 +32,16 @@ class HeadNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rms = x.norm(2, dim=-1, keepdim=True) * x.shape[-1] ** -0.5
-        return self.scale * (x / (rms + self.eps))
+        # ComfyUI may leave this small parameter on its offload device (it moves only its own layer classes)
+        return self.scale.to(x.device) * (x / (rms + self.eps))
 
 
 class _InputCastLinear(nn.Linear):
     """A Linear that computes in its weight's dtype at the moment it runs: the block streamer may swap in a copy
     of the weight (not of the bias) in the transformer's dtype just before, so with a FLUX in bf16 and an
     adapter loaded in fp32 the dtype cannot be read beforehand."""
+
+    casts_input_to_weight_dtype = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self.weight.dtype

@@ -181,6 +181,8 @@ def _resampler_ff(dim: int, inner: int) -> nn.Sequential:
 
 
 class _TimeResampler(nn.Module):
+    casts_own_parameters = True  # its forward copies ``latents`` to the input's device
+
     def __init__(self, cfg: ProjectorConfig):
         from diffusers.models.embeddings import TimestepEmbedding
 
@@ -216,7 +218,7 @@ class _TimeResampler(nn.Module):
         temb = self.time_embed(timesteps, x_in.dtype)
         batch = temb.shape[0]
         x = (x_in + temb[:, None]) if x_in.shape[0] == batch else (x_in.expand(batch, -1, -1) + temb[:, None])
-        latents = self.latents.expand(batch, -1, -1)
+        latents = self.latents.to(x.device).expand(batch, -1, -1)  # may sit on ComfyUI's offload device
         for attn, ff, ada in self.layers:
             shift_attn, scale_attn, shift_ff, scale_ff = ada(temb).chunk(4, dim=1)
             latents = attn(x, latents, shift_attn, scale_attn) + latents

@@ -18,9 +18,6 @@ from ..model.adapter import InstantCharacterAdapter
 from ..reference.encoders import ReferenceFeatures
 from .regions import share_overlaps, token_region
 
-MAX_CACHED_SIGMAS = 256
-
-
 @dataclass(frozen=True)
 class CallState:
     """One call of the diffusion model."""
@@ -43,7 +40,7 @@ class CharacterEntry:
     The window is ``start_percent``–``end_percent`` of the schedule, turned into sigmas when sampling starts
     (:meth:`set_window`), so a sampling-shift node placed after Apply moves it as it moves the schedule. The
     sigmas given at construction serve calls made outside a sampling run. Tokens are computed once per sigma
-    and cached until :meth:`reset`.
+    (the latest is kept until :meth:`reset`).
     """
 
     def __init__(self, adapter: InstantCharacterAdapter, features: ReferenceFeatures, weight: float,
@@ -57,7 +54,8 @@ class CharacterEntry:
         self.mask = mask
         self.sigma_start, self.sigma_end = float(sigma_start), float(sigma_end)
         self._merged: torch.Tensor | None = None
-        self._tokens: dict[float, torch.Tensor] = {}
+        self._tokens: torch.Tensor | None = None
+        self._tokens_key: float | None = None
         self._regions: dict[tuple[int, int], torch.Tensor] = {}
 
     def set_window(self, percent_to_sigma: Callable[[float], float]) -> None:
@@ -66,8 +64,7 @@ class CharacterEntry:
 
     def reset(self) -> None:
         """Forget per-run state (called around each sampling run)."""
-        self._tokens.clear()
-        self._merged = None
+        self._tokens = self._tokens_key = self._merged = None
 
     def acts_at(self, sigma: float) -> bool:
         return self.weight != 0 and self.sigma_end - 1e-6 <= sigma <= self.sigma_start + 1e-6
@@ -90,30 +87,26 @@ class CharacterEntry:
         return self._regions[grid]
 
     def _tokens_for(self, sigma: float, device: torch.device) -> torch.Tensor:
+        """The character tokens at ``sigma`` on the call's device. Only the latest sigma's are kept (the negative
+        and positive passes of a step share them), so what stays on the device between calls is one token set
+        and the merged features: small, transient, inside ComfyUI's inference reserve."""
         key = round(sigma, 6)
-        tokens = self._tokens.get(key)
-        if tokens is None:
+        if self._tokens_key != key or self._tokens is None or self._tokens.device != device:
             proj = self.adapter.image_proj
-            p = next(proj.parameters())
-            if p.device != device:  # ComfyUI loads the adapter with the model; this is the fallback
-                proj.to(device)
-                p = next(proj.parameters())
+            # ComfyUI loads (or partly loads) the adapter and its layers cast themselves to ``device``; nothing
+            # here moves a module, so its bookkeeping stays true
+            dtype = next(proj.parameters()).dtype
             with torch.inference_mode():
                 if self._merged is None or self._merged.device != device:
-                    self._merged = proj.merge_features(*(t.to(device, p.dtype) for t in self.features.tensors()))
-                t = torch.tensor([sigma * 1000.0], device=device).to(p.dtype)
-                tokens = proj.tokens(self._merged, t)
-            if len(self._tokens) >= MAX_CACHED_SIGMAS:
-                self._tokens.clear()
-            self._tokens[key] = tokens
-        return tokens
+                    self._merged = proj.merge_features(*(t.to(device, dtype) for t in self.features.tensors()))
+                t = torch.tensor([sigma * 1000.0], device=device).to(dtype)
+                self._tokens = proj.tokens(self._merged, t)
+            self._tokens_key = key
+        return self._tokens
 
     def attention(self, layer_index: int, raw_query: torch.Tensor, sigma: float) -> torch.Tensor:
         """This character's attention output for one FLUX layer (not yet weighted)."""
-        layer = self.adapter.ip_adapter[layer_index]
-        if layer.to_k_ip.weight.device != raw_query.device:
-            layer.to(raw_query.device)
-        return layer(raw_query, self._tokens_for(sigma, raw_query.device))
+        return self.adapter.ip_adapter[layer_index](raw_query, self._tokens_for(sigma, raw_query.device))
 
 
 class CharacterSet:
