@@ -10,11 +10,13 @@ from .consistency import ConsistencyScore
 from .lora import StyleLora
 from .native import ApplyToModel
 from .reference import BlendCharacters, EncodeReference
+from .regions import CharacterRegion, CombineCharacters
 from .sampler import Sampler
 
 folders.register()
 
-NODES = [LoadFlux, LoadFluxSingleFile, LoadImageEncoders, LoadAdapter, EncodeReference, BlendCharacters, StyleLora, Sampler, ConsistencyScore, ApplyToModel]
+NODES = [LoadFlux, LoadFluxSingleFile, LoadImageEncoders, LoadAdapter, EncodeReference, BlendCharacters, CharacterRegion,
+         CombineCharacters, StyleLora, Sampler, ConsistencyScore, ApplyToModel]
 
 
 class InstantCharacterExtension(ComfyExtension):

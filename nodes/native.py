@@ -17,12 +17,14 @@ class ApplyToModel(io.ComfyNode):
             category=CATEGORY,
             description="Adds the character to ComfyUI's own FLUX.1-dev MODEL (from Load Diffusion Model, GGUF or "
                         "fp8 loaders, after LoRA loaders) and returns a patched copy for the stock KSampler. The "
-                        "input MODEL is not changed. Two Apply nodes in a row add up; give each a mask to put two "
-                        "characters in one picture.",
+                        "input MODEL is not changed. Two Apply nodes in a row add up; give each a mask (or give one Apply "
+                        "the output of Combine Characters) to put several characters in one picture.",
             inputs=[
                 io.Model.Input("model", tooltip="A FLUX.1-dev MODEL."),
                 Adapter.Input("adapter", tooltip="From InstantCharacter Load Adapter."),
-                Character.Input("character", tooltip="From InstantCharacter Encode Reference."),
+                Character.Input("character", tooltip="From InstantCharacter Encode Reference; or from Character "
+                                                     "Region / Combine Characters, whose regions and strengths it "
+                                                     "keeps."),
                 io.Float.Input("weight", default=0.9, min=0.0, max=2.0, step=0.05,
                                tooltip="How strongly the character is imposed (the official subject scale; 0 = off)."),
                 io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
@@ -35,7 +37,8 @@ class ApplyToModel(io.ComfyNode):
                 io.Mask.Input("mask", optional=True,
                               tooltip="Optional: the part of the picture this character belongs to (white = here; "
                                       "soft edges are kept). Without a mask it acts on the whole picture. Where "
-                                      "two characters' masks overlap they share the strength."),
+                                      "two characters' masks overlap they share the strength. Leave it empty for "
+                                      "a character that has its region from Character Region."),
             ],
             outputs=[io.Model.Output(display_name="model", tooltip="The patched MODEL")],
         )
@@ -45,7 +48,9 @@ class ApplyToModel(io.ComfyNode):
                 mask=None) -> io.NodeOutput:
         import comfy.patcher_extension as ext
 
+        from ..instantcharacter.errors import InputError
         from ..instantcharacter.run.native import CharacterEntry, CharacterSet
+        from ..instantcharacter.run.regions import characters_in
         from .native_patch import (CharacterBlockPatch, check_flux_model, diffusion_model_wrapper,
                                    outer_sample_wrapper)
 
@@ -54,14 +59,21 @@ class ApplyToModel(io.ComfyNode):
         diffusion = model.get_model_object("diffusion_model")
         check_flux_model(diffusion, adapter)
         sampling = model.get_model_object("model_sampling")
-        entry = CharacterEntry(adapter, character, weight, start_percent, end_percent, apply_to_negative, mask,
-                               sigma_start=sampling.percent_to_sigma(start_percent),
-                               sigma_end=sampling.percent_to_sigma(end_percent))
+        members = characters_in(character)
+        if mask is not None and any(m.mask is not None for m in members):
+            raise InputError("Apply's mask is connected and the character already has a region (from Character "
+                             "Region): disconnect one of the two.")
+        entries = [CharacterEntry(adapter, m.features, weight * m.strength, start_percent, end_percent,
+                                  apply_to_negative, mask if m.mask is None else m.mask,
+                                  sigma_start=sampling.percent_to_sigma(start_percent),
+                                  sigma_end=sampling.percent_to_sigma(end_percent)) for m in members]
 
         patched = model.clone()
         existing = patched.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
         ours = [p for p in existing.values() if isinstance(p, CharacterBlockPatch)]
-        characters = ours[0].characters.with_entry(entry) if ours else CharacterSet((entry,))
+        characters = ours[0].characters if ours else CharacterSet()
+        for entry in entries:
+            characters = characters.with_entry(entry)
         n_double = len(diffusion.double_blocks)
         for kind, count, offset in (("double", n_double, 0), ("single", len(diffusion.single_blocks), n_double)):
             for i in range(count):

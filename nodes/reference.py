@@ -122,5 +122,7 @@ class BlendCharacters(io.ComfyNode):
     @classmethod
     def execute(cls, character_a, character_b, ratio) -> io.NodeOutput:
         from ..instantcharacter.reference.encoders import ReferenceFeatures
+        from ..instantcharacter.run.regions import plain_features
 
-        return io.NodeOutput(ReferenceFeatures.blend([character_a, character_b], [1 - ratio, ratio]))
+        a, b = (plain_features(c, "Blend Characters") for c in (character_a, character_b))
+        return io.NodeOutput(ReferenceFeatures.blend([a, b], [1 - ratio, ratio]))

@@ -27,7 +27,9 @@ class Sampler(io.ComfyNode):
             inputs=[
                 Flux.Input("flux", tooltip="From InstantCharacter Load FLUX."),
                 Adapter.Input("adapter", tooltip="From InstantCharacter Load Adapter."),
-                Character.Input("character", tooltip="From InstantCharacter Encode Reference."),
+                Character.Input("character", tooltip="From InstantCharacter Encode Reference (acts on the whole "
+                                                     "picture), or Combine Characters for several characters, each "
+                                                     "in its own region."),
                 io.String.Input("prompt", multiline=True, default="a character standing in a sunlit forest",
                                 tooltip="What to draw. Describe the scene, pose and style; the character comes from "
                                         "the reference."),

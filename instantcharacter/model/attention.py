@@ -82,8 +82,10 @@ class CharacterAttentionLayer(nn.Module):
 class CharacterContext:
     """Per-call state shared by every processor of one transformer.
 
-    The pipeline sets ``tokens`` before each transformer call (they depend on the timestep);
-    ``scale`` multiplies the character attention; ``None`` tokens or scale 0 switch it off.
+    The pipeline sets the characters before each transformer call (their tokens depend on the timestep):
+    ``tokens`` for one character acting on the whole picture, or ``characters``, pairs of (tokens, weight per
+    image token or None for everywhere), for several or regional ones; the layer adds the terms of both.
+    ``scale`` multiplies the character attention; no tokens or scale 0 switch it off.
     ``layer_scales`` optionally overrides the scale per layer index (double blocks first).
     ``image_seq_len`` is the number of image tokens: single-stream layers see [text ; image] and the
     character acts on the image positions only.
@@ -93,9 +95,14 @@ class CharacterContext:
     scale: float = 1.0
     image_seq_len: int = 0
     layer_scales: dict[int, float] = field(default_factory=dict)
+    characters: tuple[tuple[torch.Tensor, torch.Tensor | None], ...] = ()
 
     def scale_for(self, index: int) -> float:
         return self.layer_scales.get(index, self.scale)
+
+    def acting(self) -> tuple[tuple[torch.Tensor, torch.Tensor | None], ...]:
+        lone = () if self.tokens is None else ((self.tokens, None),)
+        return lone + tuple(self.characters)
 
 
 class CharacterFluxAttnProcessor:
@@ -144,21 +151,30 @@ class CharacterFluxAttnProcessor:
         out = out.flatten(2, 3).to(query.dtype)
 
         scale = self.context.scale_for(self.index)
-        tokens = self.context.tokens
-        active = tokens is not None and scale != 0
+        acting = self.context.acting() if scale != 0 else ()
 
         if double_stream:
             text_len = encoder_hidden_states.shape[1]
             enc_out, img_out = out.split_with_sizes([text_len, out.shape[1] - text_len], dim=1)
-            if active:
-                img_out = img_out + scale * self.layer(raw_query, tokens)
+            if acting:
+                img_out = img_out + scale * self._characters(raw_query, acting)
             img_out = attn.to_out[1](attn.to_out[0](img_out.contiguous()))
             return img_out, attn.to_add_out(enc_out.contiguous())
 
-        if active:
+        if acting:
             img_len = self.context.image_seq_len
             if not 0 < img_len <= out.shape[1]:
                 raise RuntimeError("CharacterContext.image_seq_len must be set to the image token count")
-            img = out[:, -img_len:] + scale * self.layer(raw_query[:, -img_len:], tokens)
+            img = out[:, -img_len:] + scale * self._characters(raw_query[:, -img_len:], acting)
             out = torch.cat([out[:, :-img_len], img], dim=1)
         return out
+
+    def _characters(self, image_query: torch.Tensor, acting) -> torch.Tensor:
+        """The sum of the characters' attention, each times its weight per image token (where it has one)."""
+        total = None
+        for tokens, weight in acting:
+            term = self.layer(image_query, tokens)
+            if weight is not None:
+                term = term * weight.to(term.device, term.dtype)[None, :, None]
+            total = term if total is None else total + term
+        return total

@@ -26,6 +26,7 @@ from ..cancel import cancel_points
 from ..errors import InputError
 from .lora import StyleLoras
 from .memory import Placement
+from .regions import character_weights, characters_in
 
 MAX_SIZE = 4096
 MAX_STEPS = 1000
@@ -218,9 +219,10 @@ def _attach_character(transformer, adapter, settings: GenerationSettings, image_
     return attachment
 
 
-def _denoise(flux, settings: GenerationSettings, state: _Latents, prompts, attachment, tokens,
+def _denoise(flux, settings: GenerationSettings, state: _Latents, prompts, attachment, characters,
              step_callback) -> torch.Tensor:
-    """The flow-match Euler loop; the character acts on the steps inside its window."""
+    """The flow-match Euler loop; the characters ((tokens per step, weight per image token) pairs) act on the
+    steps inside their window."""
     transformer = flux.transformer
     (prompt_embeds, pooled, text_ids), neg = prompts
     latents, timesteps = state.latents, state.timesteps
@@ -229,7 +231,8 @@ def _denoise(flux, settings: GenerationSettings, state: _Latents, prompts, attac
     def predict(i, timestep, embeds, pooled_embeds, with_character: bool):
         if attachment is not None:
             acting = settings.start_percent <= i / len(timesteps) < settings.end_percent
-            attachment.context.tokens = tokens[i] if with_character and acting else None
+            attachment.context.characters = (tuple((tokens[i], weight) for tokens, weight in characters)
+                                             if with_character and acting else ())
         return transformer(hidden_states=latents, timestep=timestep / 1000, guidance=guidance,
                            pooled_projections=pooled_embeds, encoder_hidden_states=embeds,
                            txt_ids=text_ids, img_ids=state.image_ids, return_dict=False)[0]
@@ -268,6 +271,11 @@ def generate(flux, adapter: InstantCharacterAdapter | None, features: ReferenceF
     """Generate ``settings.batch_size`` pictures of the character (or of the prompt alone, with neither
     ``adapter`` nor ``features``).
 
+    ``features`` is one character acting on the whole picture (:class:`ReferenceFeatures`) or characters with
+    regions (a :class:`~.regions.RegionalCharacter` or :class:`~.regions.Characters`): in every attention layer
+    each character's term is multiplied by its region on the generated-image tokens, shared where regions
+    overlap (:func:`~.regions.character_weights`, as on the native path).
+
     ``init_latents`` (raw VAE space, [1 or B, 16, H/8, W/8]) with ``settings.denoise`` < 1 is img2img.
     ``step_callback(step, total)`` is called after every step; raising from it stops the run (that is how
     Cancel works); ``cancel_check()`` is called between the other phases and inside the long ones (before every
@@ -279,13 +287,18 @@ def generate(flux, adapter: InstantCharacterAdapter | None, features: ReferenceF
     memory.check()
     if (adapter is None) != (features is None):
         raise InputError("Give both the adapter and the character, or neither.")
-    if features is not None and not all(torch.isfinite(t).all() for t in features.tensors()):
-        raise InputError("The character's features hold NaN or infinite values: encode the reference again "
-                         "(a picture or weight that was not finite?).")
+    cast = []
+    if features is not None:
+        members = characters_in(features)
+        if not all(torch.isfinite(t).all() for m in members for t in m.features.tensors()):
+            raise InputError("The character's features hold NaN or infinite values: encode the reference again "
+                             "(a picture or weight that was not finite?).")
+        patch = 2 * flux.vae_scale_factor  # one generated token per 2×2 latent patch
+        cast = character_weights(members, (settings.height // patch, settings.width // patch))
     if init_latents is not None and not torch.isfinite(torch.as_tensor(init_latents)).all():
         raise InputError("The input LATENT holds NaN or infinite values.")
     with _run_lock(flux):  # one run at a time per pipeline: the scheduler and the processors are shared state
-        return _generate(flux, adapter, features, settings, memory, init_latents, loras, step_callback,
+        return _generate(flux, adapter, cast, settings, memory, init_latents, loras, step_callback,
                          cancel_check or (lambda: None))
 
 
@@ -308,7 +321,7 @@ def _run_lock(flux) -> threading.Lock:
 _LOCKS_GUARD_FALLBACK = threading.Lock()
 
 
-def _generate(flux, adapter, features, settings: GenerationSettings, memory: MemorySettings, init_latents, loras,
+def _generate(flux, adapter, cast, settings: GenerationSettings, memory: MemorySettings, init_latents, loras,
               step_callback, cancel_check) -> GenerationResult:
     transformer, vae = flux.transformer, flux.vae
     dtype = transformer.dtype
@@ -326,14 +339,15 @@ def _generate(flux, adapter, features, settings: GenerationSettings, memory: Mem
             prompts = _encode_prompts(flux, settings, device)
         cancel_check()
         state = _prepare_latents(flux, settings, init_latents, prompts[0][0].dtype, device)
-        tokens = None
+        characters = []
         if adapter is not None:
             with placement.projector():
-                tokens = character_tokens(adapter, features, state.timesteps, dtype).to(device)
+                characters = [(character_tokens(adapter, member.features, state.timesteps, dtype).to(device),
+                               None if weight is None else weight.to(device, dtype)) for member, weight in cast]
             attachment = _attach_character(transformer, adapter, settings, state.image_seq_len)
             cancel_check()
         with placement.transformer(), torch.inference_mode():
-            latents = _denoise(flux, settings, state, prompts, attachment, tokens, step_callback)
+            latents = _denoise(flux, settings, state, prompts, attachment, characters, step_callback)
     finally:
         if attachment is not None:
             attachment.detach()

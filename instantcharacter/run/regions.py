@@ -4,14 +4,81 @@ FLUX packs the latent in 2×2 patches and orders the tokens row by row, so a reg
 (latent height / 2, latent width / 2) and flattened. Soft masks stay soft. Where several regions overlap by
 more than 1 in total, each is divided by the total there, so overlapping characters share the strength
 instead of adding up past it.
+
+A character as the samplers take it is either the encoder features alone (:class:`ReferenceFeatures`, acting
+on the whole picture), a :class:`RegionalCharacter` (features, a region and a strength), or several of them
+combined (:class:`Characters`). Both paths read them through :func:`characters_in`.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import InputError
+from ..reference.encoders import ReferenceFeatures
+
+
+@dataclass(frozen=True)
+class RegionalCharacter:
+    """One character confined to a region of the generated picture (``mask`` None: everywhere); ``strength``
+    multiplies the sampler's subject scale (or Apply's weight) for this character."""
+
+    features: ReferenceFeatures
+    mask: torch.Tensor | None = None
+    strength: float = 1.0
+
+    def members(self) -> tuple["RegionalCharacter", ...]:
+        return (self,)
+
+
+@dataclass(frozen=True)
+class Characters:
+    """Several characters for one picture, each with its own region (or everywhere)."""
+
+    items: tuple[RegionalCharacter, ...]
+
+    def members(self) -> tuple[RegionalCharacter, ...]:
+        return self.items
+
+
+def characters_in(character) -> tuple[RegionalCharacter, ...]:
+    """The characters a CHARACTER input holds: plain features are one character acting everywhere.
+
+    Read by what the objects offer rather than by class, so a character made by another copy of this package
+    (ComfyUI and tests can import the pack twice) is read the same."""
+    members = getattr(character, "members", None)
+    if callable(members):
+        return tuple(members())
+    if callable(getattr(character, "tensors", None)):
+        return (RegionalCharacter(character),)
+    raise InputError(f"Expected a character (from Encode Reference, Character Region or Combine Characters), got "
+                     f"{type(character).__name__}.")
+
+
+def plain_features(character, node: str) -> ReferenceFeatures:
+    """The encoder features of a character with no region; a regional or combined one is refused by name."""
+    members = getattr(character, "members", None)
+    if not callable(members):
+        return character
+    kind = "combined characters (from Combine Characters)" if len(members()) != 1 else \
+        "a character with a region (from Character Region)"
+    raise InputError(f"{node} works on characters without a region, straight from Encode Reference; this one is "
+                     f"{kind}. Use {node} before Character Region and Combine Characters.")
+
+
+def check_region_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A region mask as Character Region accepts it: one finite 2-D mask (or a batch of one) that is not black
+    everywhere. Returns it as a float [H, W] on the CPU."""
+    m = torch.as_tensor(mask).detach().float().cpu()
+    token_region(m, (1, 1))  # the shape and finiteness checks
+    m = m[0] if m.ndim == 3 else m
+    if not (m > 0).any():
+        raise InputError("The region mask is black everywhere, so this character would not appear anywhere: white "
+                         "marks where the character goes.")
+    return m
 
 
 def token_region(mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -41,3 +108,20 @@ def share_overlaps(regions: list[torch.Tensor | None]) -> list[torch.Tensor | No
         return regions
     total = torch.stack(present).sum(0).clamp(min=1.0)
     return [None if r is None else r / total for r in regions]
+
+
+def character_weights(members: tuple[RegionalCharacter, ...], grid: tuple[int, int]
+                      ) -> list[tuple[RegionalCharacter, torch.Tensor | None]]:
+    """Each acting character (strength ≠ 0) with its weight per generated token: its region, shared where it
+    overlaps others (:func:`share_overlaps`), times its strength; None for a character everywhere at strength 1,
+    which then acts exactly as a lone character always has."""
+    acting = [m for m in members if m.strength != 0]
+    regions = share_overlaps([None if m.mask is None else token_region(m.mask, grid) for m in acting])
+    out = []
+    for member, region in zip(acting, regions):
+        if region is None:
+            weight = None if member.strength == 1 else torch.full((grid[0] * grid[1],), float(member.strength))
+        else:
+            weight = region * member.strength if member.strength != 1 else region
+        out.append((member, weight))
+    return out

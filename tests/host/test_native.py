@@ -378,6 +378,76 @@ def test_a_region_confines_the_character_and_two_regions_split_the_picture(
     assert torch.equal(ones, everywhere)
 
 
+def _overlapping_halves(side=64):
+    """Masks for a 4×4 token grid: the left one covers columns 0–2, the right one 1–3, softly in column 3."""
+    left, right = torch.zeros(side, side), torch.zeros(side, side)
+    left[:, : 3 * side // 4] = 1.0
+    right[:, side // 4:] = 1.0
+    right[:, 3 * side // 4:] = 0.6
+    return left, right
+
+
+def test_regional_characters_act_the_same_on_both_paths(pack, comfy_flux, tiny_flux, tiny_adapter, features,
+                                                        tiny_encoders):
+    """Overlapping regions, a soft edge and a per-character strength: one model call of the native path (two
+    Apply entries with masks) and of the pipeline path (the weights Combine Characters gives the Sampler) agree."""
+    from PIL import Image
+
+    from instantcharacter.model.adapter import attach
+    from instantcharacter.run.native import CharacterEntry
+    from instantcharacter.run.regions import RegionalCharacter, character_weights
+
+    waving = tiny_encoders.encode([Image.open(ROOT / "assets" / "reference_girl_wave.png")])
+    left, right = _overlapping_halves()
+    x, ctx, pooled = _inputs(tiny_flux)
+    sigma = 0.7
+    native = _comfy_call(comfy_flux, x, ctx, pooled, sigma, _patches(pack, comfy_flux, [
+        CharacterEntry(tiny_adapter, features, 0.9, mask=left), CharacterEntry(tiny_adapter, waving, 0.45, mask=right)]))
+
+    cast = character_weights((RegionalCharacter(features, left), RegionalCharacter(waving, right, 0.5)), (4, 4))
+    t = tiny_flux.transformer
+    b, _, h, w = x.shape
+    ids = torch.zeros(h // 2 * w // 2, 3)
+    ids[:, 1], ids[:, 2] = torch.arange(h // 2 * w // 2) // (w // 2), torch.arange(h // 2 * w // 2) % (w // 2)
+    with torch.inference_mode(), attach(t, tiny_adapter) as att:
+        att.context.image_seq_len, att.context.scale = ids.shape[0], 0.9
+        att.context.characters = tuple((tiny_adapter.image_proj(*m.features.tensors(), torch.tensor([sigma * 1000.0])),
+                                        weight) for m, weight in cast)
+        pipeline = _unpack(t(hidden_states=_pack(x), timestep=torch.full([b], sigma), guidance=torch.full([b], 3.5),
+                             pooled_projections=pooled, encoder_hidden_states=ctx, txt_ids=torch.zeros(ctx.shape[1], 3),
+                             img_ids=ids, return_dict=False)[0], h, w)
+    plain = _diffusers_call(tiny_flux, tiny_adapter, features, x, ctx, pooled, sigma, 0.0)
+    diff = (native - pipeline).abs().max().item()
+    print(f"\nregional characters, native vs pipeline: max diff {diff:.2e} "
+          f"(their effect {(pipeline - plain).abs().max():.2e})")
+    assert diff <= 1e-5 and (pipeline - plain).abs().max() > 1e-3
+
+
+def test_apply_takes_regional_and_combined_characters(pack, comfy, comfy_flux, tiny_adapter, features, tiny_encoders):
+    from PIL import Image
+
+    from instantcharacter.run.regions import Characters, RegionalCharacter
+
+    waving = tiny_encoders.encode([Image.open(ROOT / "assets" / "reference_girl_wave.png")])
+    left, right = _overlapping_halves()
+    model = _model_patcher(comfy, comfy_flux)
+    combined = _apply(model, tiny_adapter, Characters((RegionalCharacter(features, left),
+                                                       RegionalCharacter(waving, right, 0.5))))
+    chained = _apply(_apply(model, tiny_adapter, features, mask=left), tiny_adapter, waving, weight=0.45, mask=right)
+
+    def entries(patched):
+        return patched.model_options["transformer_options"]["patches_replace"]["dit"][("double_block", 0)].characters.entries
+
+    for one, other in zip(entries(combined), entries(chained), strict=True):
+        assert one.features is other.features and one.weight == other.weight and torch.equal(one.mask, other.mask)
+    # Apply's own mask serves a character without a region; a second region is refused by name
+    regional = _apply(model, tiny_adapter, RegionalCharacter(features, strength=0.5), mask=left)
+    [entry] = entries(regional)
+    assert entry.weight == 0.45 and entry.mask is left
+    with pytest.raises(ValueError, match="Apply's mask is connected and the character already has a region"):
+        _apply(model, tiny_adapter, RegionalCharacter(features, left), mask=right)
+
+
 def test_character_off_is_bit_identical_with_references_and_an_attention_mask(
         pack, comfy_flux, tiny_flux, tiny_adapter, features):
     from instantcharacter.run.native import CharacterEntry

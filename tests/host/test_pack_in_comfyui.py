@@ -24,10 +24,12 @@ PIPELINE_WORKFLOWS = {
     "instantcharacter_multiview_mask.json": (4, (SIZE, SIZE)),
     "instantcharacter_img2img.json": (1, (128, 128)),
     "instantcharacter_style_lora_best_of_4.json": (1, (SIZE, SIZE)),  # the best one is saved, 4 previewed
+    "instantcharacter_two_characters.json": (1, (SIZE, SIZE)),
 }
 OUR_NODES = ["InstantCharacterLoadFlux", "InstantCharacterLoadImageEncoders", "InstantCharacterLoadAdapter",
              "InstantCharacterEncodeReference", "InstantCharacterBlendCharacters", "InstantCharacterStyleLora",
-             "InstantCharacterSampler", "InstantCharacterConsistencyScore"]
+             "InstantCharacterSampler", "InstantCharacterConsistencyScore", "InstantCharacterCharacterRegion",
+             "InstantCharacterCombineCharacters"]
 # combos listing files on disk: what a user has differs from this test's tiny models
 FILE_CHOICES = {"image", "model", "siglip", "dinov2", "adapter", "lora_name", "unet_name", "clip_name1", "clip_name2",
                 "vae_name", "transformer", "clip_l", "t5", "vae"}
@@ -234,3 +236,34 @@ def test_offload_settings_give_the_same_picture_through_the_server(server, objec
     fp8 = pictures[("budget", True)]
     assert not np.array_equal(fp8, reference) and np.abs(fp8 - reference).mean() < 8  # close, not equal
     assert "offload sequential; VAE decode tiled" in server.log_tail(400)
+
+
+def test_two_characters_each_move_their_own_half_through_the_server(server, object_info):
+    """The shipped two-character graph with the left or the right character's strength at 0: each character
+    changes its own half of the saved picture more than the other half."""
+    shipped = _fast(ui_to_api(_load("instantcharacter_two_characters.json"), object_info), object_info)
+    regions = [k for k, node in shipped.items() if node["class_type"] == "InstantCharacterCharacterRegion"]
+    # the left one's mask is the composite placed at x = 0
+    regions.sort(key=lambda k: shipped[shipped[k]["inputs"]["mask"][0]]["inputs"]["x"])
+    assert len(regions) == 2
+
+    def picture(left, right):
+        prompt = copy.deepcopy(shipped)
+        prompt[regions[0]]["inputs"]["strength"], prompt[regions[1]]["inputs"]["strength"] = left, right
+        entry = server.run(prompt)
+        assert entry["status"]["status_str"] == "success", error_message(entry) + "\n" + server.log_tail()
+        return np.asarray(_saved_images(server, entry)[0].convert("RGB"), dtype=np.float64)
+
+    none, left_only, right_only, both = picture(0.0, 0.0), picture(1.0, 0.0), picture(0.0, 1.0), picture(1.0, 1.0)
+    half = SIZE // 2
+
+    def moved(a, b):
+        d = np.abs(a - b)
+        return d[:, :half].mean(), d[:, half:].mean()
+
+    left_moves, right_moves = moved(left_only, none), moved(right_only, none)
+    print(f"\n[two characters] mean |change| of the left / right half (of 255): left character "
+          f"{left_moves[0]:.2f} / {left_moves[1]:.2f}, right character {right_moves[0]:.2f} / {right_moves[1]:.2f}; "
+          f"both vs left only {moved(both, left_only)[0]:.2f} on the left")
+    assert left_moves[0] > 1.5 * left_moves[1] and right_moves[1] > 1.5 * right_moves[0]
+    assert moved(both, left_only)[0] < moved(both, right_only)[0]
