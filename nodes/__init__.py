@@ -15,8 +15,8 @@ from .sampler import Sampler
 
 folders.register()
 
-NODES = [LoadFlux, LoadFluxSingleFile, LoadImageEncoders, LoadAdapter, EncodeReference, BlendCharacters, CharacterRegion,
-         CombineCharacters, StyleLora, Sampler, ConsistencyScore, ApplyToModel]
+NODES = [LoadFlux, LoadFluxSingleFile, LoadImageEncoders, LoadAdapter, EncodeReference, BlendCharacters,
+         CharacterRegion, CombineCharacters, StyleLora, Sampler, ConsistencyScore, ApplyToModel]
 
 
 class InstantCharacterExtension(ComfyExtension):

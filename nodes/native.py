@@ -17,8 +17,8 @@ class ApplyToModel(io.ComfyNode):
             category=CATEGORY,
             description="Adds the character to ComfyUI's own FLUX.1-dev MODEL (from Load Diffusion Model, GGUF or "
                         "fp8 loaders, after LoRA loaders) and returns a patched copy for the stock KSampler. The "
-                        "input MODEL is not changed. Two Apply nodes in a row add up; give each a mask (or give one Apply "
-                        "the output of Combine Characters) to put several characters in one picture.",
+                        "input MODEL is not changed. Two Apply nodes in a row add up; give each a mask (or give one "
+                        "Apply the output of Combine Characters) to put several characters in one picture.",
             inputs=[
                 io.Model.Input("model", tooltip="A FLUX.1-dev MODEL."),
                 Adapter.Input("adapter", tooltip="From InstantCharacter Load Adapter."),

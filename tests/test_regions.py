@@ -49,7 +49,8 @@ def test_weights_follow_the_token_grid_keep_soft_masks_and_share_overlaps(girl, 
     wide_left[:, : 3 * WIDTH // 4] = 1.0
     wide_right = torch.zeros(HEIGHT, WIDTH)
     wide_right[:, WIDTH // 4:] = 1.0
-    (_, a), (_, b) = character_weights((RegionalCharacter(girl, wide_left), RegionalCharacter(waving, wide_right)), GRID)
+    overlapping = (RegionalCharacter(girl, wide_left), RegionalCharacter(waving, wide_right))
+    (_, a), (_, b) = character_weights(overlapping, GRID)
     both = (COLUMNS >= 2) & (COLUMNS < 6)
     assert torch.equal(a[both], torch.full((int(both.sum()),), 0.5)) and torch.equal(b[both], a[both])
     assert torch.equal(a[COLUMNS < 2], torch.ones(8)) and torch.equal(b[COLUMNS < 2], torch.zeros(8))
@@ -177,8 +178,8 @@ def test_two_characters_in_complementary_halves_each_move_their_half(tiny_flux, 
 
 def test_region_masks_are_checked_before_anything_runs(tiny_flux, tiny_adapter, girl):
     calls = []
-    for mask, message in ((torch.ones(2, HEIGHT, WIDTH), "one mask"), (torch.full((HEIGHT, WIDTH), float("nan")), "NaN"),
-                          (torch.ones(HEIGHT), "2-D")):
+    for mask, message in ((torch.ones(2, HEIGHT, WIDTH), "one mask"), (torch.ones(HEIGHT), "2-D"),
+                          (torch.full((HEIGHT, WIDTH), float("nan")), "NaN")):
         with pytest.raises(InputError, match=message):
             _run(tiny_flux, tiny_adapter, RegionalCharacter(girl, mask), step_callback=lambda s, t: calls.append(s))
     assert not calls

@@ -401,8 +401,9 @@ def test_regional_characters_act_the_same_on_both_paths(pack, comfy_flux, tiny_f
     left, right = _overlapping_halves()
     x, ctx, pooled = _inputs(tiny_flux)
     sigma = 0.7
-    native = _comfy_call(comfy_flux, x, ctx, pooled, sigma, _patches(pack, comfy_flux, [
-        CharacterEntry(tiny_adapter, features, 0.9, mask=left), CharacterEntry(tiny_adapter, waving, 0.45, mask=right)]))
+    entries = [CharacterEntry(tiny_adapter, features, 0.9, mask=left),
+               CharacterEntry(tiny_adapter, waving, 0.45, mask=right)]
+    native = _comfy_call(comfy_flux, x, ctx, pooled, sigma, _patches(pack, comfy_flux, entries))
 
     cast = character_weights((RegionalCharacter(features, left), RegionalCharacter(waving, right, 0.5)), (4, 4))
     t = tiny_flux.transformer
@@ -436,7 +437,8 @@ def test_apply_takes_regional_and_combined_characters(pack, comfy, comfy_flux, t
     chained = _apply(_apply(model, tiny_adapter, features, mask=left), tiny_adapter, waving, weight=0.45, mask=right)
 
     def entries(patched):
-        return patched.model_options["transformer_options"]["patches_replace"]["dit"][("double_block", 0)].characters.entries
+        dit = patched.model_options["transformer_options"]["patches_replace"]["dit"]
+        return dit[("double_block", 0)].characters.entries
 
     for one, other in zip(entries(combined), entries(chained), strict=True):
         assert one.features is other.features and one.weight == other.weight and torch.equal(one.mask, other.mask)
