@@ -342,3 +342,22 @@ def test_cuda_sleeping_streams_do_not_change_the_result_nor_the_memory(fp8, monk
         assert torch.equal(a, c) and torch.equal(b, c)
     assert streamer.buffers_per_size() == 2 and check_order(trace) == []
     assert reserved <= calm_reserved + 2 * 2**20, (reserved, calm_reserved)
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_a_model_loaded_in_inference_mode_streams_and_keeps_its_kind(fp8):
+    """ComfyUI loads and runs models under torch.inference_mode: their weights are inference tensors, and a
+    parameter whose data changes kind fails when used. Buffers and views are made in the parameters' kind."""
+    with torch.inference_mode():
+        blocks, extras = chain()
+        x = torch.randn(4, 32)
+        expected = run_chain(_fp8_rounded(blocks, extras)[0] if fp8 else blocks, x, passes=2)
+        for _ in range(2):  # the second run reuses the packs
+            streamer = BlockStreamer(blocks, extras, torch.device("cpu"), [True, False, False, True, False, True],
+                                     torch.float32, FP8 if fp8 else None, passes=2)
+            try:
+                got = run_chain(blocks, x, passes=2)
+            finally:
+                streamer.close()
+            assert all(torch.equal(a, b) for a, b in zip(got, expected))
+        assert all(p.is_inference() for p in weights(blocks, extras))

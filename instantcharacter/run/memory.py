@@ -83,7 +83,7 @@ def _group_costs(layouts, prefetch: bool):
 
     def in_flight(resident) -> int:
         limits = buffer_limits([(group, not keep) for group, keep in zip(layouts, resident)], prefetch)
-        return sum(count * device_bytes(nbytes) for (_, nbytes), count in limits.items())
+        return sum(count * device_bytes(key[1]) for key, count in limits.items())
 
     return kept, in_flight
 
@@ -367,8 +367,9 @@ class Placement:
         if self.mode == "budget":
             plan = self.plan or self.transformer_plan()
             resident = plan.resident
-            text += (f" {self.budget_gb:.1f} GiB, {sum(resident)}/{len(resident)} blocks resident "
-                     f"({plan.total / GIB:.1f} GiB planned)")
+            text += (f" {self.budget_gb:.4g} GiB, {sum(resident)}/{len(resident)} blocks resident "
+                     f"({plan.total / GIB:.2f} GiB planned")
+            text += ", more than the budget: the least this mode needs)" if plan.total > self.budget_gb * GIB else ")"
         text += " + fp8 storage" if self.fp8 else ""
         if self.unpinned_bytes:
             text += f", {self.unpinned_bytes / GIB:.2f} GiB could not be page-locked (slower copies)"

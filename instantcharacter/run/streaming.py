@@ -201,7 +201,7 @@ def _views(layout: Layout, stored: torch.Tensor, computed: torch.Tensor | None =
 # ---- host packs: one flat buffer per part, kept with the model ----------------------------------------------
 
 
-def _host_buffer(nbytes: int) -> tuple[torch.Tensor, np.ndarray]:
+def host_buffer(nbytes: int) -> tuple[torch.Tensor, np.ndarray]:
     """A zeroed uint8 CPU tensor of ``nbytes`` rounded up to whole pages, starting on a page (so that page-locking
     it never touches memory that is not ours). The numpy array owns the memory; it dies with the last view."""
     span = max(PAGE, _align(nbytes, PAGE))
@@ -226,6 +226,26 @@ def _unregister(ptr: int, device) -> None:
         pass
 
 
+def inference_mode_of(params) -> bool:
+    """Whether ``params`` are inference tensors (a model loaded under ``torch.inference_mode``, as ComfyUI loads
+    them). A parameter's data must keep its kind (an inference parameter with a normal tensor as data fails when
+    used), so every buffer and view the streamer gives it is made in the same mode."""
+    kinds = {p.is_inference() for p in params}
+    if len(kinds) > 1:
+        raise RuntimeError("Some weights of one module are inference tensors and others are not; load the model "
+                           "in one go (all inside or all outside torch.inference_mode).")
+    return kinds.pop() if kinds else False
+
+
+def _version(p: torch.Tensor) -> int | None:
+    """The in-place change counter; None for inference tensors (made under ``torch.inference_mode``, as ComfyUI
+    loads models), which cannot be changed in place outside it."""
+    try:
+        return p._version
+    except RuntimeError:
+        return None
+
+
 _PINNED: "weakref.WeakSet[HostPack]" = weakref.WeakSet()
 
 
@@ -241,16 +261,18 @@ class HostPack:
     def __init__(self, params: list[nn.Parameter], layout: Layout, kind: str):
         self.kind = kind
         self.layout = layout
-        self.flat, self._array = _host_buffer(layout.nbytes)
-        self.views = _views(layout, self.flat)
-        self._refs = [weakref.ref(p) for p in params]
-        self._sources = []
-        for p, view in zip(params, self.views):
-            view.copy_(p.data)  # fp8 storage: the one conversion, kept until the weights change
-            if kind == "view":
-                p.data = view  # the old storage is freed here, one tensor at a time
-            else:
-                self._sources.append((p.data.data_ptr(), p._version, p.data.device))
+        self.inference = inference_mode_of(params)
+        with torch.inference_mode(self.inference), torch.no_grad():
+            self.flat, self._array = host_buffer(layout.nbytes)
+            self.views = _views(layout, self.flat)
+            self._refs = [weakref.ref(p) for p in params]
+            self._sources = []
+            for p, view in zip(params, self.views):
+                view.copy_(p.data)  # fp8 storage: the one conversion, kept until the weights change
+                if kind == "view":
+                    p.data = view  # the old storage is freed here, one tensor at a time
+                else:
+                    self._sources.append((p.data.data_ptr(), _version(p), p.data.device))
         self._unpin: weakref.finalize | None = None
 
     @property
@@ -267,7 +289,7 @@ class HostPack:
 
     def matches(self, params: list[nn.Parameter], layout: Layout) -> bool:
         """Still the weights of ``params`` (the same parameters, in the same storage, unchanged)."""
-        if layout != self.layout or len(params) != len(self._refs):
+        if layout != self.layout or len(params) != len(self._refs) or inference_mode_of(params) != self.inference:
             return False
         mine = self.params
         if any(p is None for p in mine) or {id(p) for p in mine} != {id(p) for p in params}:
@@ -275,7 +297,7 @@ class HostPack:
         if self.kind == "view":
             return all(p.data.device.type == "cpu" and p.data.data_ptr() == v.data_ptr() and p.dtype == v.dtype
                        and p.shape == v.shape for p, v in zip(mine, self.views))
-        return all((p.data.data_ptr(), p._version, p.data.device) == source for p, source in zip(mine, self._sources))
+        return all((p.data.data_ptr(), _version(p), p.data.device) == source for p, source in zip(mine, self._sources))
 
     def pin(self, device) -> bool:
         """Page-lock the buffer (``cudaHostRegister``, exactly its pages); False when the driver refuses."""
@@ -417,7 +439,7 @@ class _Pools:
                 return None
             self.overflow += 1
         self.made[key] = self.made.get(key, 0) + 1
-        with torch.inference_mode(False):  # normal tensors: written inside and outside inference mode
+        with torch.inference_mode(key[2]):  # of the kind of the parameters that will view it
             buf = _Buffer(torch.empty(key[1], dtype=torch.uint8, device=self.device))
         self.streams.access("alloc", "compute", buf.data)
         return buf
@@ -432,14 +454,16 @@ class _Pools:
         return [b for bufs in self.free.values() for b in bufs]
 
 
-def buffer_keys(layouts: list[Layout], streamed: bool) -> list[tuple]:
-    """The device buffers one group holds while it runs: (role, bytes) per streamed part and per cast part."""
+def buffer_keys(layouts: list, streamed: bool) -> list[tuple]:
+    """The device buffers one group holds while it runs: (role, bytes, inference tensor) per streamed part and per
+    cast part. ``layouts``: the parts' layouts, or (layout, inference tensors) pairs."""
     keys = []
-    for lay in layouts:
+    for item in layouts:
+        lay, inference = item if isinstance(item, tuple) else (item, False)
         if streamed:
-            keys.append(("stored", lay.nbytes))
+            keys.append(("stored", lay.nbytes, inference))
         if lay.cast_nbytes:
-            keys.append(("compute", lay.compute_nbytes))
+            keys.append(("compute", lay.compute_nbytes, inference))
     return keys
 
 
@@ -484,6 +508,10 @@ class _Group:
     @property
     def needy(self) -> bool:
         return any(p.streamed or p.casts for p in self.parts)
+
+    @property
+    def part_kinds(self) -> list[tuple[Layout, bool]]:
+        return [(p.pack.layout, p.pack.inference) for p in self.parts]
 
 
 def group_parts(modules: list[nn.Module]) -> list[tuple[nn.Module | None, list[nn.Parameter]]]:
@@ -538,12 +566,12 @@ class BlockStreamer:
         self._running: set[int] = set()
         self._closed = False
         try:
-            with torch.inference_mode(False), torch.no_grad():
+            with torch.no_grad():
                 for block, extra, keep in zip(blocks, extras, resident):
                     self.groups.append(self._group([block, *extra], keep))
                 self._upload_resident()
             self.pools = _Pools(self.device, self.streams, buffer_limits(
-                [([p.pack.layout for p in g.parts], not g.resident) for g in self.groups], prefetch))
+                [(g.part_kinds, not g.resident) for g in self.groups], prefetch))
         except BaseException:
             self.close()
             raise
@@ -594,11 +622,12 @@ class BlockStreamer:
                 if part.streamed:
                     continue
                 layout = part.pack.layout
-                part.resident = torch.empty(max(layout.nbytes, 1), dtype=torch.uint8, device=self.device)
-                self.streams.access("alloc", "compute", part.resident)
-                part.resident[:layout.nbytes].copy_(part.pack.flat[:layout.nbytes], non_blocking=True)
-                self.streams.access("write", "compute", part.resident)
-                part.stored = _views(layout, part.resident)
+                with torch.inference_mode(part.pack.inference):
+                    part.resident = torch.empty(max(layout.nbytes, 1), dtype=torch.uint8, device=self.device)
+                    self.streams.access("alloc", "compute", part.resident)
+                    part.resident[:layout.nbytes].copy_(part.pack.flat[:layout.nbytes], non_blocking=True)
+                    self.streams.access("write", "compute", part.resident)
+                    part.stored = _views(layout, part.resident)
                 for p, t in zip(part.params, part.stored):
                     p.data = t
 
@@ -609,7 +638,7 @@ class BlockStreamer:
         (a prefetch) nothing happens when no buffer is free."""
         on = "copy" if self.prefetch else "compute"
         taken = []
-        for key in buffer_keys([p.pack.layout for p in group.parts], not group.resident):
+        for key in buffer_keys(group.part_kinds, not group.resident):
             buf = self.pools.take(key, must=False)
             if buf is None and must:
                 self._evict(key)
@@ -622,33 +651,38 @@ class BlockStreamer:
         queue = iter(taken)
         with self.streams.use(on):
             for part in group.parts:
-                layout = part.pack.layout
-                source = part.resident
-                staging = computed = None
-                if part.streamed:
-                    size, staging = next(queue)
-                    part.held.append((size, staging))
-                    self.streams.wait(on, staging.free_after)
-                    if self.copy_delay_cycles and self.cuda:
-                        torch.cuda._sleep(self.copy_delay_cycles)
-                    staging.data.copy_(part.pack.flat[:layout.nbytes], non_blocking=True)
-                    self.streams.access("write", on, staging.data)
-                    self.bytes_moved += layout.nbytes
-                    source = staging.data
-                if part.casts:
-                    size, computed = next(queue)
-                    part.held.append((size, computed))
-                    self.streams.wait(on, computed.free_after)
-                    cast = computed.data[:layout.compute_nbytes].view(layout.compute_dtype)
-                    cast.copy_(source[:layout.cast_nbytes].view(self.storage_dtype))
-                    self.streams.access("read", on, source)
-                    self.streams.access("write", on, computed.data)
-                views = self._views_in(part, staging, computed)
-                for p, t in zip(part.params, views):
-                    p.data = t
+                self._queue_part(part, queue, on)
         group.ready = self.streams.record(on)
         group.materialized = True
         return True
+
+    def _queue_part(self, part: _Part, queue, on: str) -> None:
+        """One part's copy (when it streams) and cast (when it is fp8), on stream ``on``, into buffers from ``queue``
+        (in :func:`buffer_keys` order); then its parameters view them."""
+        layout = part.pack.layout
+        source, staging, computed = part.resident, None, None
+        with torch.inference_mode(part.pack.inference):  # buffers and views of the parameters' kind
+            if part.streamed:
+                key, staging = next(queue)
+                part.held.append((key, staging))
+                self.streams.wait(on, staging.free_after)
+                if self.copy_delay_cycles and self.cuda:
+                    torch.cuda._sleep(self.copy_delay_cycles)
+                staging.data.copy_(part.pack.flat[:layout.nbytes], non_blocking=True)
+                self.streams.access("write", on, staging.data)
+                self.bytes_moved += layout.nbytes
+                source = staging.data
+            if part.casts:
+                key, computed = next(queue)
+                part.held.append((key, computed))
+                self.streams.wait(on, computed.free_after)
+                cast = computed.data[:layout.compute_nbytes].view(layout.compute_dtype)
+                cast.copy_(source[:layout.cast_nbytes].view(self.storage_dtype))
+                self.streams.access("read", on, source)
+                self.streams.access("write", on, computed.data)
+            views = self._views_in(part, staging, computed)
+        for p, t in zip(part.params, views):
+            p.data = t
 
     @staticmethod
     def _views_in(part: _Part, staging: _Buffer | None, computed: _Buffer | None) -> list[torch.Tensor]:
@@ -656,9 +690,7 @@ class BlockStreamer:
         views = part.views.get(key)
         if views is None:
             stored = staging.data if staging is not None else part.resident
-            with torch.inference_mode(False):
-                views = part.views[key] = _views(part.pack.layout, stored,
-                                                 computed.data if computed is not None else None)
+            views = part.views[key] = _views(part.pack.layout, stored, computed.data if computed is not None else None)
         return views
 
     def _release(self, group: _Group) -> None:
