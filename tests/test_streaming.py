@@ -2,6 +2,7 @@
 once, and the order of copies, events and waits. On the CPU the same code runs with CPU tensors as the device
 buffers; the CUDA variants (streams, events, page-locked memory, a stress with sleeping streams) skip without a GPU."""
 
+import gc
 from collections import defaultdict
 
 import pytest
@@ -134,7 +135,9 @@ def test_a_view_pack_rehomes_the_weights_once_and_follows_them():
     assert all(start <= p.data_ptr() < end for p in params)  # the parameters are views of one flat buffer
     assert pack.flat.data_ptr() % streaming.PAGE == 0 and pack.flat.numel() - pack.layout.nbytes < streaming.PAGE
     assert host_pack(module, params, None, torch.float32) is pack and streaming.builds["view"] == built + 1
-    module.to(torch.float64).to(torch.float32)  # the weights moved out of the buffer: a new pack
+    module.to(torch.float64).to(torch.float32)  # the weights moved out of the buffer ...
+    gc.collect()
+    assert not pack.alive  # ... which is gone with them (no host copy left behind, e.g. after "off")
     again = host_pack(module, list(module.parameters()), None, torch.float32)
     assert again is not pack and streaming.builds["view"] == built + 2 and unchanged(before)
 

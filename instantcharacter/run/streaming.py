@@ -256,23 +256,31 @@ def pinned_host_bytes() -> int:
 
 class HostPack:
     """The weights of one part in one flat host buffer. ``kind`` "view": the parameters themselves become views
-    of the buffer; "copy": the buffer is a converted copy (fp8) and the parameters are left as they are."""
+    of the buffer, and the buffer lives as long as they view it (a model moved elsewhere, e.g. to the GPU by
+    ``off``, leaves no host copy behind); "copy": the buffer is a converted copy (fp8), kept by the pack, and the
+    parameters are left as they are."""
 
     def __init__(self, params: list[nn.Parameter], layout: Layout, kind: str):
         self.kind = kind
         self.layout = layout
         self.inference = inference_mode_of(params)
         with torch.inference_mode(self.inference), torch.no_grad():
-            self.flat, self._array = host_buffer(layout.nbytes)
-            self.views = _views(layout, self.flat)
+            flat, array = host_buffer(layout.nbytes)
+            views = _views(layout, flat)
             self._refs = [weakref.ref(p) for p in params]
             self._sources = []
-            for p, view in zip(params, self.views):
+            for p, view in zip(params, views):
                 view.copy_(p.data)  # fp8 storage: the one conversion, kept until the weights change
                 if kind == "view":
                     p.data = view  # the old storage is freed here, one tensor at a time
                 else:
                     self._sources.append((p.data.data_ptr(), _version(p), p.data.device))
+        self.ptr, self.span = flat.data_ptr(), flat.numel()
+        self._start = self.ptr - array.ctypes.data
+        self._ptrs = [v.data_ptr() for v in views]
+        self._array = array if kind == "copy" else None
+        self._array_ref = weakref.ref(array)
+        self._copy_views = views if kind == "copy" else None
         self._unpin: weakref.finalize | None = None
 
     @property
@@ -280,39 +288,63 @@ class HostPack:
         return [r() for r in self._refs]
 
     @property
+    def alive(self) -> bool:
+        return self._array_ref() is not None
+
+    @property
+    def flat(self) -> torch.Tensor:
+        """The whole buffer as uint8 (pages, the layout's bytes first)."""
+        array = self._array_ref()
+        if array is None:
+            raise RuntimeError("The weights have left this host buffer.")
+        with torch.inference_mode(self.inference):
+            return torch.from_numpy(array)[self._start:self._start + self.span]
+
+    @property
+    def views(self) -> list[torch.Tensor]:
+        """The tensors in the buffer, as stored (for a "view" pack: the parameters' own data)."""
+        if self._copy_views is not None:
+            return list(self._copy_views)
+        return [p.data for p in self.params]
+
+    @property
     def pinned(self) -> bool:
         return self._unpin is not None and self._unpin.alive
 
     @property
     def pinned_bytes(self) -> int:
-        return self.flat.numel() if self.pinned else 0
+        return self.span if self.pinned else 0
 
     def matches(self, params: list[nn.Parameter], layout: Layout) -> bool:
         """Still the weights of ``params`` (the same parameters, in the same storage, unchanged)."""
-        if layout != self.layout or len(params) != len(self._refs) or inference_mode_of(params) != self.inference:
+        if (layout != self.layout or len(params) != len(self._refs) or not self.alive
+                or inference_mode_of(params) != self.inference):
             return False
         mine = self.params
         if any(p is None for p in mine) or {id(p) for p in mine} != {id(p) for p in params}:
             return False
         if self.kind == "view":
-            return all(p.data.device.type == "cpu" and p.data.data_ptr() == v.data_ptr() and p.dtype == v.dtype
-                       and p.shape == v.shape for p, v in zip(mine, self.views))
+            return all(p.data.device.type == "cpu" and p.data.data_ptr() == ptr and p.dtype == dtype
+                       and tuple(p.shape) == shape
+                       for p, ptr, dtype, shape in zip(mine, self._ptrs, layout.dtypes, layout.shapes))
         return all((p.data.data_ptr(), _version(p), p.data.device) == source for p, source in zip(mine, self._sources))
 
     def pin(self, device) -> bool:
         """Page-lock the buffer (``cudaHostRegister``, exactly its pages); False when the driver refuses."""
         if self.pinned:
             return True
-        ptr, nbytes = self.flat.data_ptr(), self.flat.numel()
+        array = self._array_ref()
+        if array is None:
+            return False
         try:
-            ok = int(torch.cuda.cudart().cudaHostRegister(ptr, nbytes, CUDA_HOST_REGISTER_PORTABLE)) == 0
+            ok = int(torch.cuda.cudart().cudaHostRegister(self.ptr, self.span, CUDA_HOST_REGISTER_PORTABLE)) == 0
         except Exception:  # noqa: BLE001 - no CUDA runtime bindings: treat as refused
             ok = False
         if not ok:
             _clear_cuda_error(device)
             return False
         # unregistered before the memory is freed: numpy clears weak references before it frees the data
-        self._unpin = weakref.finalize(self._array, _unregister, ptr, device)
+        self._unpin = weakref.finalize(array, _unregister, self.ptr, device)
         self._unpin.atexit = False
         _PINNED.add(self)
         return True
@@ -490,6 +522,7 @@ class _Part:
     stored: list[torch.Tensor] = field(default_factory=list)  # between uses: host views or resident device views
     resident: torch.Tensor | None = None  # the device copy of the stored bytes
     per_run: bool = False  # the LoRA part: its pack is made for this run only
+    flat: torch.Tensor | None = None  # the host buffer, held for the run
     held: list = field(default_factory=list)  # (pool key, buffer) taken while materialised
     views: dict = field(default_factory=dict)  # (staging buffer, compute buffer) ids -> the tensors in them
 
@@ -602,11 +635,11 @@ class BlockStreamer:
                 params = pack.params  # the pack's order
                 per_run = False
             home = [p.data for p in params]
-            part = _Part(pack, params, streamed=not keep, home=home, per_run=per_run)
-            part.stored = list(pack.views)
+            part = _Part(pack, params, streamed=not keep, home=home, per_run=per_run, flat=pack.flat)
+            part.stored = pack.views
             if part.streamed and self.cuda:
                 if part.pack.pin(self.device):
-                    self.pinned_bytes += pack.flat.numel()
+                    self.pinned_bytes += pack.span
                 else:
                     self.unpinned_bytes += pack.layout.nbytes
             elif not per_run:
@@ -625,7 +658,7 @@ class BlockStreamer:
                 with torch.inference_mode(part.pack.inference):
                     part.resident = torch.empty(max(layout.nbytes, 1), dtype=torch.uint8, device=self.device)
                     self.streams.access("alloc", "compute", part.resident)
-                    part.resident[:layout.nbytes].copy_(part.pack.flat[:layout.nbytes], non_blocking=True)
+                    part.resident[:layout.nbytes].copy_(part.flat[:layout.nbytes], non_blocking=True)
                     self.streams.access("write", "compute", part.resident)
                     part.stored = _views(layout, part.resident)
                 for p, t in zip(part.params, part.stored):
@@ -668,7 +701,7 @@ class BlockStreamer:
                 self.streams.wait(on, staging.free_after)
                 if self.copy_delay_cycles and self.cuda:
                     torch.cuda._sleep(self.copy_delay_cycles)
-                staging.data.copy_(part.pack.flat[:layout.nbytes], non_blocking=True)
+                staging.data.copy_(part.flat[:layout.nbytes], non_blocking=True)
                 self.streams.access("write", on, staging.data)
                 self.bytes_moved += layout.nbytes
                 source = staging.data
@@ -780,7 +813,7 @@ class BlockStreamer:
                         if part.resident is not None:
                             self.streams.access("free", "compute", part.resident)
                         part.resident = None
-                        part.stored, part.views = [], {}
+                        part.stored, part.views, part.flat = [], {}, None
                         part.held.clear()
                         if part.per_run:
                             part.pack.unpin()
