@@ -292,7 +292,6 @@ def test_blocks_run_in_another_order_still_get_their_own_weights(device):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (page-locked memory)")
 def test_cuda_streamed_parts_are_page_locked_exactly():
     blocks, extras = chain(width=256)
-    before = streaming.pinned_host_bytes()
     resident = [True, False, True, False, False, True]
     streamer = BlockStreamer(blocks, extras, torch.device("cuda"), resident, torch.float32)
     try:
@@ -304,7 +303,14 @@ def test_cuda_streamed_parts_are_page_locked_exactly():
     assert streamer.unpinned_bytes == 0 and all(p.flat.is_pinned() for p in streamed)
     assert not any(p.pinned for p in kept)
     page = streaming.PAGE
-    assert streaming.pinned_host_bytes() - before == sum(-(-p.layout.nbytes // page) * page for p in streamed)
+    exact = sum(-(-p.layout.nbytes // page) * page for p in streamed)  # the streamed bytes, to the page
+    assert streamer.pinned_bytes == sum(p.pinned_bytes for p in streamed) == exact
+    assert streaming.pinned_host_bytes() >= exact
+    pack = streamer.groups[1].parts[0].pack
+    del streamer, streamed, kept
+    blocks[1].to(torch.float64)  # the block's weights leave their buffer: it is unregistered and freed
+    gc.collect()
+    assert not pack.alive and not pack.pinned and pack.pinned_bytes == 0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda._sleep on two streams)")
@@ -364,3 +370,15 @@ def test_a_model_loaded_in_inference_mode_streams_and_keeps_its_kind(fp8):
                 streamer.close()
             assert all(torch.equal(a, b) for a, b in zip(got, expected))
         assert all(p.is_inference() for p in weights(blocks, extras))
+
+
+def test_a_failure_while_setting_up_restores_the_groups_already_set_up():
+    blocks, extras = chain()
+    with torch.inference_mode():
+        odd = nn.Linear(32, 32)  # an inference tensor among normal ones: refused with a clear error
+    blocks[4].layers[0] = odd
+    before = snapshot([p for p in weights(blocks, extras) if p is not odd.weight and p is not odd.bias])
+    with pytest.raises(RuntimeError, match="inference tensors"):
+        BlockStreamer(blocks, extras, torch.device("cpu"), [False] * 6, torch.float32, FP8)
+    assert unchanged(before)  # the four groups before it were set up (fp8 views) and are given back
+    assert not any(m._forward_pre_hooks or m._forward_hooks for b in blocks for m in b.modules())

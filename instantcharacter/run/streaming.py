@@ -601,7 +601,8 @@ class BlockStreamer:
         try:
             with torch.no_grad():
                 for block, extra, keep in zip(blocks, extras, resident):
-                    self.groups.append(self._group([block, *extra], keep))
+                    self.groups.append(_Group([], keep))  # listed first: close() restores what is built
+                    self._build(self.groups[-1], [block, *extra])
                 self._upload_resident()
             self.pools = _Pools(self.device, self.streams, buffer_limits(
                 [(g.part_kinds, not g.resident) for g in self.groups], prefetch))
@@ -623,8 +624,8 @@ class BlockStreamer:
 
     # -- setup
 
-    def _group(self, modules: list[nn.Module], keep: bool) -> _Group:
-        parts = []
+    def _build(self, group: _Group, modules: list[nn.Module]) -> None:
+        keep = group.resident
         for owner, params in group_parts(modules):
             if owner is None:  # LoRA branches: exact (no fp8), made for this run only
                 layout = make_layout([p.data for p in params], None, self.compute_dtype)
@@ -637,6 +638,7 @@ class BlockStreamer:
             home = [p.data for p in params]
             part = _Part(pack, params, streamed=not keep, home=home, per_run=per_run, flat=pack.flat)
             part.stored = pack.views
+            group.parts.append(part)
             if part.streamed and self.cuda:
                 if part.pack.pin(self.device):
                     self.pinned_bytes += pack.span
@@ -646,8 +648,6 @@ class BlockStreamer:
                 pack.unpin()  # page-locked memory is exactly what streams
             for p, t in zip(params, part.stored):
                 p.data = t
-            parts.append(part)
-        return _Group(parts, keep)
 
     def _upload_resident(self) -> None:
         for group in self.groups:
