@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import math
 import logging
+import math
 import mmap
 import weakref
 from dataclasses import dataclass, field
