@@ -1,7 +1,7 @@
-"""Peak VRAM and step time of each offload mode: whole generations on the full-size architecture.
+"""Peak VRAM of each phase and step time of each offload mode: whole generations on the full-size architecture.
 
-    python benchmarks/memory_modes.py                 # full size at 1024², 28 steps, on the GPU
-    python benchmarks/memory_modes.py --modes resident,stream-fp8 --steps 10
+    python benchmarks/memory_modes.py                 # full size at 1024², 8 steps, on the GPU (< 6 min on an H200)
+    python benchmarks/memory_modes.py --modes resident,stream-fp8 --steps 28 --out table.md
     python benchmarks/memory_modes.py --small         # tiny widths on the CPU, in seconds (CI smoke check)
 
 Nothing is downloaded. Every model is built at its published size with random weights (FLUX.1-dev
@@ -9,11 +9,17 @@ transformer, CLIP-L, T5-XXL, the FLUX VAE, SigLIP so400m, DINOv2-giant, the Inst
 initialised on the GPU (fast) and kept in host memory, as the model cache keeps them. Each row is one
 ``pipeline.generate`` call, as the sampler makes it (prompt encoding, character tokens, the denoising steps,
 VAE decode), starting with every model on the host; the Encode Reference row is the node's own device round
-trip. The script first measures pinned host→device bandwidth, then prints a markdown table row by row.
+trip. The script first measures page-locked host→device bandwidth, then prints a markdown table row by row
+(and writes it to ``--out``).
 
-Peak VRAM is PyTorch's (allocated / reserved) over the whole call; the CUDA context (~0.5 GB) comes on top.
-s/step is the mean of the steps after the first. "transfer" is the transformer weights streamed per second
-of denoising. The goals are DESIGN §6's; the last column says whether this run met them.
+Memory is GiB (2**30 bytes) everywhere. For each phase (text encoders, projector, denoising, decode) the table
+gives PyTorch's peak allocated / peak reserved memory; "peak reserved" is the whole call's, with the phase that
+set it (reserved is what runs a card out of memory; the CUDA context, ~0.5 GiB, comes on top). Step times come
+from CUDA events recorded by the step callback (nothing synchronises inside the loop); s/step is the mean of the
+steady steps (all but the first), "28 steps" is the first step plus 27 steady ones. "transfer" is the
+transformer weights streamed per second of a steady step. "pinned" is the host memory page-locked for streaming
+after the row, "RSS" the process's resident host memory. The goals are DESIGN §6's; the last column says whether
+this run met them.
 """
 
 from __future__ import annotations
@@ -48,17 +54,23 @@ class Mode:
     character: bool = True
 
 
-def modes(small: bool, sizes: dict[str, int], largest_group: int) -> list[Mode]:
-    """The rows. At full size the budgets are the goal table's; the scaled-down run picks budgets that keep
-    some of its five tiny blocks resident (room for 30 % and 15 % of the block bytes, on top of the reserve
-    and of room for two streamed blocks in flight)."""
-    from instantcharacter.run.memory import ACTIVATION_RESERVE_GB
+def modes(small: bool, transformer=None, adapter=None) -> list[Mode]:
+    """The rows. At full size the budgets are the goal table's; the scaled-down run takes, from its own block
+    sizes, the budgets whose plans keep about as many blocks as 24 and 16 GiB keep of FLUX.1-dev (about 80 % and
+    45 %), one that keeps all, and one that keeps none."""
+    if small:
+        from instantcharacter.run.memory import ACTIVATION_RESERVE_GIB, partial_budgets, transformer_plan
 
-    base = ACTIVATION_RESERVE_GB + (sizes["transformer_rest"] + 2 * largest_group) / GIB
-    blocks = sizes["blocks"] / GIB
-    b24, b16 = (24.0, 16.0) if not small else (base + 0.3 * blocks, base + 0.15 * blocks)
-    resident = 40.0 if not small else base + 2 * blocks
-    stream = 4.0 if not small else ACTIVATION_RESERVE_GB + 0.001
+        partial = partial_budgets(transformer, adapter)
+
+        def closest(share):
+            return min(partial, key=lambda item: abs(sum(item[1]) / len(item[1]) - share))[0]
+
+        b24, b16 = closest(0.8), closest(0.45)
+        resident = transformer_plan(transformer, adapter, "off", None, False).total / GIB + 0.01
+        stream = ACTIVATION_RESERVE_GIB + 0.001
+    else:
+        b24, b16, resident, stream = 24.0, 16.0, 40.0, 4.0
     return [
         Mode("plain", "plain FLUX, no character (off)", "off", character=False),
         Mode("off", "off: every model resident", "off"),
@@ -87,8 +99,9 @@ def configs(small: bool) -> dict:
     from instantcharacter.testing import tiny as t
 
     return dict(
-        transformer=dict(patch_size=1, in_channels=64, num_layers=t.FLUX_TINY_DOUBLE,
-                         num_single_layers=t.FLUX_TINY_SINGLE, attention_head_dim=t.FLUX_HEAD_DIM,
+        # more blocks than the test twin, so that the budgets between "all" and "none" differ
+        transformer=dict(patch_size=1, in_channels=64, num_layers=4,
+                         num_single_layers=8, attention_head_dim=t.FLUX_HEAD_DIM,
                          num_attention_heads=t.FLUX_TINY_HEADS, joint_attention_dim=t.T5_TINY_DIM,
                          pooled_projection_dim=t.CLIP_TINY_DIM, guidance_embeds=True, axes_dims_rope=(16, 56, 56)),
         clip=dict(hidden_size=t.CLIP_TINY_DIM, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -162,26 +175,67 @@ def build(small: bool, init_device, dtype, workdir: Path):
 
 
 def bandwidth(device) -> float | None:
+    """Host→device bytes per second from page-locked memory (registered as the streamer registers its buffers)."""
     if device.type != "cuda":
         return None
-    host = torch.empty(GIB, dtype=torch.uint8).pin_memory()
-    dev = torch.empty_like(host, device=device)
-    dev.copy_(host, non_blocking=True)
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(5):
+    from instantcharacter.run.streaming import host_buffer
+
+    host, _ = host_buffer(GIB)
+    if int(torch.cuda.cudart().cudaHostRegister(host.data_ptr(), host.numel(), 1)) != 0:
+        return None
+    try:
+        dev = torch.empty_like(host, device=device)
         dev.copy_(host, non_blocking=True)
-    torch.cuda.synchronize()
-    return 5 * GIB / (time.perf_counter() - start)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(5):
+            dev.copy_(host, non_blocking=True)
+        torch.cuda.synchronize()
+        return 5 * host.numel() / (time.perf_counter() - start)
+    finally:
+        torch.cuda.cudart().cudaHostUnregister(host.data_ptr())
+
+
+PHASES = ("text encoders", "projector", "denoising", "decode")
 
 
 class Meter:
-    """Peak VRAM of a call, step times from the sampler's step callback."""
+    """Peak VRAM of each phase of a call (via the placement's phase notices), step times from CUDA events
+    recorded by the sampler's step callback."""
 
     def __init__(self, device):
         self.device = device
         self.cuda = device.type == "cuda"
-        self.stamps: list[float] = []
+        self.phases: dict[str, tuple[float, float]] = {}
+        self.gaps = (0.0, 0.0)  # between the phases
+        self.marks: list = []  # denoising start, then one per step
+
+    def _peaks(self) -> tuple[float, float]:
+        return (torch.cuda.max_memory_allocated(self.device) / GIB, torch.cuda.max_memory_reserved(self.device) / GIB)
+
+    def _fold(self, into: tuple[float, float]) -> tuple[float, float]:
+        got = self._peaks()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        return max(into[0], got[0]), max(into[1], got[1])
+
+    def phase(self, name: str, when: str) -> None:
+        if self.cuda:
+            if when == "start":
+                self.gaps = self._fold(self.gaps)
+            else:
+                self.phases[name] = self._fold(self.phases.get(name, (0.0, 0.0)))
+        if name == "denoising" and when == "start":
+            self.marks = [self._mark()]
+
+    def _mark(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def step(self, step, total):
+        self.marks.append(self._mark())
 
     def __enter__(self):
         if self.cuda:
@@ -191,22 +245,44 @@ class Meter:
         self.start = time.perf_counter()
         return self
 
-    def step(self, step, total):
-        if self.cuda:
-            torch.cuda.synchronize()
-        self.stamps.append(time.perf_counter())
-
     def __exit__(self, *exc):
         if self.cuda:
             torch.cuda.synchronize()
+            self.gaps = self._fold(self.gaps)
         self.seconds = time.perf_counter() - self.start
-        self.peak = ((torch.cuda.max_memory_allocated(self.device) / GIB,
-                      torch.cuda.max_memory_reserved(self.device) / GIB) if self.cuda else (None, None))
+
+    @property
+    def steps(self) -> list[float]:
+        if self.cuda:
+            return [a.elapsed_time(b) / 1000 for a, b in zip(self.marks, self.marks[1:])]
+        return [b - a for a, b in zip(self.marks, self.marks[1:])]
 
     @property
     def step_seconds(self) -> float | None:
-        gaps = [b - a for a, b in zip(self.stamps, self.stamps[1:])]  # the first step warms up
-        return sum(gaps) / len(gaps) if gaps else None
+        steady = self.steps[1:]  # the first step warms up (and uploads the kept blocks)
+        return sum(steady) / len(steady) if steady else None
+
+    def projected(self, steps: int = 28) -> float | None:
+        times = self.steps
+        return times[0] + (steps - 1) * self.step_seconds if self.step_seconds is not None else None
+
+    @property
+    def peak(self) -> tuple[float | None, float | None, str]:
+        """Whole call: peak allocated, peak reserved and the phase that set the reserved peak."""
+        if not self.cuda:
+            return None, None, ""
+        entries = [*self.phases.items(), ("between phases", self.gaps)]
+        name, (_, reserved) = max(entries, key=lambda item: item[1][1])
+        return max(v[0] for _, v in entries), reserved, name
+
+
+def host_rss() -> float | None:
+    """Resident host memory of this process, GiB (Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:")) / GIB
+    except (OSError, StopIteration):
+        return None
 
 
 def all_to_host(*modules):
@@ -230,10 +306,11 @@ def encode_reference(encoders, device):
 
 
 def run(flux, adapter, features, mode: Mode, device, size, steps, text_len):
+    from instantcharacter.run.memory import watching_phases
     from instantcharacter.run.pipeline import GenerationSettings, MemorySettings, generate
 
     all_to_host(flux.transformer, flux.text_encoder, flux.text_encoder_2, flux.vae, adapter)  # "off" leaves them
-    with Meter(device) as meter:
+    with Meter(device) as meter, watching_phases(meter.phase):
         settings = GenerationSettings("a girl reading a book in a library, warm light", width=size, height=size,
                                       steps=steps, seed=0, max_sequence_length=text_len)
         memory = MemorySettings(mode.offload, mode.budget_gb, mode.fp8, device)
@@ -257,48 +334,62 @@ def goal(key: str, peak: float | None, step: float | None, rate: float | None, b
         return f"{'✅' if all(conditions) else '❌'} {text}"
 
     if key == "resident":
-        return check("≤ 32 GB, ≤ 1.10 × plain", at_most(peak, 32), at_most(step, scaled(plain, 1.10)))
+        return check("≤ 32 GiB, ≤ 1.10 × plain", at_most(peak, 32), at_most(step, scaled(plain, 1.10)))
     if key == "budget24":
-        return check("≤ 22 GB, ≤ 1.10 × resident", at_most(peak, 22), at_most(step, scaled(resident, 1.10)))
+        return check("≤ 22 GiB, ≤ 1.10 × resident", at_most(peak, 22), at_most(step, scaled(resident, 1.10)))
     if key == "budget16":
-        return check("≤ 15 GB, ≤ 1.25 × resident", at_most(peak, 15), at_most(step, scaled(resident, 1.25)))
+        return check("≤ 14.5 GiB, ≤ 1.25 × resident", at_most(peak, 14.5), at_most(step, scaled(resident, 1.25)))
     if key == "stream":
         enough = None if rate is None or bw is None else rate >= 0.85 * bw
-        return check("≤ 6 GB, ≥ 85 % of bandwidth", at_most(peak, 6), enough)
+        return check("≤ 6 GiB, ≥ 85 % of bandwidth", at_most(peak, 6), enough)
     if key == "stream-fp8":
-        return check("≤ 6 GB, ≤ 0.30 s/step (H100)", at_most(peak, 6), at_most(step, 0.30))
+        return check("≤ 6 GiB, ≤ 0.30 s/step (H100/H200)", at_most(peak, 6), at_most(step, 0.30))
     return ""
+
+
+class Report:
+    """Lines to stdout as they come, and the whole report to ``path`` (rewritten after each line)."""
+
+    def __init__(self, path: str | None):
+        self.path = Path(path) if path else None
+        self.lines: list[str] = []
+
+    def __call__(self, line: str = "") -> None:
+        print(line, flush=True)
+        self.lines.append(line)
+        if self.path is not None:
+            self.path.write_text("\n".join(self.lines) + "\n", encoding="utf-8")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--small", action="store_true", help="tiny widths on the CPU (smoke check)")
-    parser.add_argument("--steps", type=int, default=None, help="steps per generation (default 28, --small 3)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="steps per generation (default 8, --small 3); s/step is the mean of all but the first")
     parser.add_argument("--size", type=int, default=None, help="image side in pixels (default 1024, --small 128)")
     parser.add_argument("--modes", default="all", help="comma-separated row keys: plain, off, resident, budget24, "
                                                       "budget16, stream, stream-fp8, sequential (default all)")
+    parser.add_argument("--out", default=None, help="also write the report (markdown) to this file")
     args = parser.parse_args(argv)
     device = torch.device("cpu" if args.small or not torch.cuda.is_available() else "cuda")
     if not args.small and device.type != "cuda":
         print("No CUDA GPU: run with --small for the CPU smoke check.")
         return 2
-    steps = args.steps or (3 if args.small else 28)
+    steps = args.steps or (3 if args.small else 8)
     if steps < 2:
         parser.error("--steps must be at least 2 (the first step is not timed)")
     size = args.size or (128 if args.small else 1024)
     dtype = torch.float32 if args.small else torch.bfloat16
+    out = Report(args.out)
 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         flux, adapter, encoders, text_len = build(args.small, device, dtype, Path(tmp))
     from instantcharacter.run.memory import model_sizes
-    from instantcharacter.run.streaming import module_bytes
+    from instantcharacter.run.streaming import pinned_host_bytes
 
     sizes = model_sizes(flux, adapter)
-    t = flux.transformer
-    largest = max(module_bytes([b, layer]) for b, layer in
-                  zip([*t.transformer_blocks, *t.single_transformer_blocks], adapter.ip_adapter))
-    rows = modes(args.small, sizes, largest)
+    rows = modes(args.small, flux.transformer, adapter)
     if args.modes != "all":
         wanted = [k.strip() for k in args.modes.split(",") if k.strip()]
         unknown = set(wanted) - {m.key for m in rows}
@@ -308,19 +399,21 @@ def main(argv=None) -> int:
     bw = bandwidth(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     gb = lambda n: f"{n / GIB:.2f}"  # noqa: E731
-    print(f"device: {name}; torch {torch.__version__}; pinned host→device: "
-          f"{f'{bw / 1e9:.1f} GB/s' if bw else 'n/a (no CUDA)'}; {size}², {steps} steps; "
-          f"{'tiny' if args.small else 'full-size'} random weights (built in {time.perf_counter() - started:.0f} s): "
-          f"transformer blocks + character layers {gb(sizes['blocks'])} GiB, text encoders {gb(sizes['text_encoders'])}, "
-          f"projector {gb(sizes['projector'])}, VAE {gb(sizes['vae'])}", flush=True)
+    out(f"device: {name}; torch {torch.__version__}; page-locked host→device: "
+        f"{f'{bw / 1e9:.1f} GB/s' if bw else 'n/a (no CUDA)'}; {size}², {steps} steps; "
+        f"{'tiny' if args.small else 'full-size'} random weights (built in {time.perf_counter() - started:.0f} s): "
+        f"transformer blocks + character layers {gb(sizes['blocks'])} GiB, text encoders {gb(sizes['text_encoders'])}, "
+        f"projector {gb(sizes['projector'])}, VAE {gb(sizes['vae'])}; memory in GiB")
 
     features, enc = encode_reference(encoders, device)
     fmt = lambda v, spec=".2f": format(v, spec) if v is not None else "n/a"  # noqa: E731
-    print(f"Encode Reference (SigLIP + DINOv2 visit the device): peak alloc {fmt(enc.peak[0])} GiB, "
-          f"reserved {fmt(enc.peak[1])} GiB, {enc.seconds:.2f} s\n", flush=True)
-    print("| mode | placement | peak alloc GiB | peak reserved GiB | s/step | × plain | × resident | whole call s | "
-          "transfer GB/s | % of bandwidth | VAE decode | goal (DESIGN §6) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    out(f"Encode Reference (SigLIP + DINOv2 visit the device): peak alloc {fmt(enc.peak[0])} GiB, "
+        f"reserved {fmt(enc.peak[1])} GiB, {enc.seconds:.2f} s")
+    out()
+    out("| mode | placement | " + " | ".join(f"{p} alloc / reserved" for p in PHASES) +
+        " | peak reserved (phase) | s/step | 28 steps s | × plain | × resident | whole call s | transfer GB/s | "
+        "% of bandwidth | pinned | RSS | VAE decode | goal (DESIGN §6) |")
+    out("|---" * (len(PHASES) + 15) + "|")
     plain = resident = None
     for mode in rows:
         result, meter = run(flux, adapter, features, mode, device, size, steps, text_len)
@@ -331,12 +424,17 @@ def main(argv=None) -> int:
             resident = step
         rate = result.bytes_streamed / steps / step if result.bytes_streamed and step else None
         pct = f"{100 * rate / bw:.0f}" if rate and bw else "n/a"
-        verdict = goal(mode.key, meter.peak[0], step, rate, bw, plain, resident) if not args.small else "(tiny run)"
-        print(f"| {mode.label} | {result.offload} | {fmt(meter.peak[0])} | {fmt(meter.peak[1])} | {fmt(step, '.3f')} | "
-              f"{fmt(step / plain if plain and step else None)} | "
-              f"{fmt(step / resident if resident and step else None)} | {meter.seconds:.1f} | "
-              f"{fmt(rate / 1e9 if rate else None)} | {pct} | {result.decode} | {verdict} |", flush=True)
-    print(f"\ntotal {time.perf_counter() - started:.0f} s")
+        _, reserved, where = meter.peak
+        verdict = goal(mode.key, reserved, step, rate, bw, plain, resident) if not args.small else "(tiny run)"
+        phases = " | ".join(f"{fmt(meter.phases[p][0])} / {fmt(meter.phases[p][1])}" if p in meter.phases else "n/a"
+                            for p in PHASES)
+        out(f"| {mode.label} | {result.offload} | {phases} | {fmt(reserved)}{f' ({where})' if where else ''} | "
+            f"{fmt(step, '.3f')} | {fmt(meter.projected())} | {fmt(step / plain if plain and step else None)} | "
+            f"{fmt(step / resident if resident and step else None)} | {meter.seconds:.1f} | "
+            f"{fmt(rate / 1e9 if rate else None)} | {pct} | {pinned_host_bytes() / GIB:.2f} | {fmt(host_rss())} | "
+            f"{result.decode} | {verdict} |")
+    out()
+    out(f"total {time.perf_counter() - started:.0f} s")
     return 0
 
 

@@ -44,7 +44,7 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fit", choices=("stretch", "pad", "crop"), default="stretch")
     p.add_argument("--offload", choices=("auto", "off", "budget", "sequential"), default="auto",
                    help="auto picks from the free VRAM (what `doctor` reports)")
-    p.add_argument("--vram-budget", type=float, default=None, help="GB for --offload budget")
+    p.add_argument("--vram-budget", type=float, default=None, help="GiB (what nvidia-smi calls GB) for --offload budget")
     p.add_argument("--fp8", action="store_true", help="store transformer weights as fp8 (compute in bf16)")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
     p.add_argument("--output-dir", type=Path, default=Path("output"))
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         command.add_argument("--models-dir", type=Path, default=argparse.SUPPRESS, help=models_help)
     args = parser.parse_args(argv)
     if args.command == "generate" and args.offload == "budget" and args.vram_budget is None:
-        parser.error("--offload budget needs --vram-budget GB (the VRAM the run may use)")
+        parser.error("--offload budget needs --vram-budget GiB (the VRAM the run may use)")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return cmd_generate(args) if args.command == "generate" else cmd_doctor(args)

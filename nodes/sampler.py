@@ -54,7 +54,8 @@ class Sampler(io.ComfyNode):
                                        "sequential: one block at a time (slowest, least VRAM). No effect on a "
                                        "CPU-only machine."),
                 io.Float.Input("vram_budget_gb", default=16.0, min=2.0, max=200.0, step=0.5,
-                               tooltip="Used when offload is 'budget': GB of VRAM this sampler may use."),
+                               tooltip="Used when offload is 'budget': GiB of VRAM this sampler may use (what nvidia-smi "
+                                       "and ComfyUI call GB: a 24 GB card has 24)."),
                 io.Boolean.Input("fp8_storage", default=False,
                                  tooltip="Keep the transformer and character-attention weights as fp8 (half the "
                                          "memory and half the bytes to stream) and compute in bf16. Slightly changes "

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import threading
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
@@ -41,6 +41,9 @@ class GenerationResult:
     offload: str = ""  # the placement used, and why when ``auto`` chose it
     bytes_streamed: int = 0  # transformer weights copied host → device during the denoising steps
     decode: str = ""  # how the VAE decoded: batch, per_image or tiled
+    # of the denoising phase's streaming: device buffers made for any one size (at most 2), host memory
+    # page-locked for it, streamed bytes the driver refused to page-lock, and the bytes its plan put on the device
+    streaming: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -335,7 +338,8 @@ def _generate(flux, adapter, cast, settings: GenerationSettings, memory: MemoryS
         styles.apply()  # before placement.transformer() builds the streamer: the LoRA layers travel with their blocks
         cancel_check()
         t5_blocks = getattr(getattr(flux.text_encoder_2, "encoder", None), "block", [])
-        with placement.text_encoders(), cancel_points(t5_blocks, cancel_check):
+        cfg_passes = 2 if settings.true_cfg_runs else 1
+        with placement.text_encoders(passes=cfg_passes), cancel_points(t5_blocks, cancel_check):
             prompts = _encode_prompts(flux, settings, device)
         cancel_check()
         state = _prepare_latents(flux, settings, init_latents, prompts[0][0].dtype, device)
@@ -346,7 +350,7 @@ def _generate(flux, adapter, cast, settings: GenerationSettings, memory: MemoryS
                                None if weight is None else weight.to(device, dtype)) for member, weight in cast]
             attachment = _attach_character(transformer, adapter, settings, state.image_seq_len)
             cancel_check()
-        with placement.transformer(), torch.inference_mode():
+        with placement.transformer(passes=len(state.timesteps) * cfg_passes), torch.inference_mode():
             latents = _denoise(flux, settings, state, prompts, attachment, characters, step_callback)
     finally:
         if attachment is not None:
@@ -358,9 +362,13 @@ def _generate(flux, adapter, cast, settings: GenerationSettings, memory: MemoryS
     raw = raw / vae.config.scaling_factor + vae.config.shift_factor
     images, how = (_decode(flux, placement, raw, state.lat_h, state.lat_w, cancel_check) if settings.decode
                    else (None, ""))
-    streamed = placement.streamer.bytes_moved if placement.streamer is not None else 0
+    streamer = placement.streamer
+    streamed = streamer.bytes_moved if streamer is not None else 0
+    report = {} if streamer is None else {
+        "buffers_per_size": streamer.buffers_per_size(), "pinned_bytes": streamer.pinned_bytes,
+        "unpinned_bytes": placement.unpinned_bytes, "planned_bytes": placement.plan.total}
     return GenerationResult(images=images, latents=raw.float().cpu(), offload=placement.describe(),
-                            bytes_streamed=streamed, decode=how)
+                            bytes_streamed=streamed, decode=how, streaming=report)
 
 
 def _noised_init(flux, init_latents, noise_packed, first_t, batch, lat_h, lat_w, denoise, device):
