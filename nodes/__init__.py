@@ -6,6 +6,7 @@ from comfy_api.latest import ComfyExtension, io
 
 from . import folders
 from .loaders import LoadAdapter, LoadFlux, LoadFluxSingleFile, LoadImageEncoders
+from .characters import LoadCharacter, SaveCharacter
 from .consistency import ConsistencyScore
 from .lora import StyleLora
 from .native import ApplyToModel
@@ -14,7 +15,8 @@ from .sampler import Sampler
 
 folders.register()
 
-NODES = [LoadFlux, LoadFluxSingleFile, LoadImageEncoders, LoadAdapter, EncodeReference, BlendCharacters, StyleLora, Sampler, ConsistencyScore, ApplyToModel]
+NODES = [LoadFlux, LoadFluxSingleFile, LoadImageEncoders, LoadAdapter, EncodeReference, BlendCharacters, SaveCharacter,
+         LoadCharacter, StyleLora, Sampler, ConsistencyScore, ApplyToModel]
 
 
 class InstantCharacterExtension(ComfyExtension):
