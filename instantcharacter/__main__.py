@@ -109,6 +109,9 @@ def cmd_generate(args) -> int:
     memory.check()
     if args.output_dir.exists() and not args.output_dir.is_dir():
         raise InputError(f"--output-dir {args.output_dir} is a file, not a folder: give a folder for the pictures.")
+    if getattr(args, "save_character", None) is not None and args.save_character.suffix.lower() != ".safetensors":
+        raise InputError(f"--save-character {args.save_character}: a character file is a .safetensors file; give a "
+                         "name ending in .safetensors.")
     saved = getattr(args, "character", None)
     if saved is not None:
         features = load_character(character_file(args.models_dir or default_models_dir(), saved))
