@@ -115,8 +115,10 @@ class ComfyServer:
                                      headers={"Content-Type": "application/json"})
         urllib.request.urlopen(req, timeout=30).close()
 
-    def post_prompt(self, prompt: dict, client_id: str | None = None) -> str:
-        body = {"prompt": prompt, **({"client_id": client_id} if client_id else {})}
+    def post_prompt(self, prompt: dict, client_id: str | None = None, extra_data: dict | None = None) -> str:
+        """``extra_data``: what the frontend sends beside the graph (e.g. its per-run ``preview_method``)."""
+        body = {"prompt": prompt, **({"client_id": client_id} if client_id else {}),
+                **({"extra_data": extra_data} if extra_data else {})}
         data = json.dumps(body).encode()
         req = urllib.request.Request(self.url + "/prompt", data=data, headers={"Content-Type": "application/json"})
         try:
@@ -138,7 +140,7 @@ class ComfyServer:
         raise AssertionError(f"prompt {prompt_id} did not finish in {timeout} s:\n{self.log_tail()}")
 
 
-    def run_watched(self, prompt: dict, timeout: float = 600) -> tuple[dict, list]:
+    def run_watched(self, prompt: dict, timeout: float = 600, extra_data: dict | None = None) -> tuple[dict, list]:
         """Run a prompt as a browser tab would, connected to the websocket under the client id the prompt is posted
         with; returns the history entry and every message sent to that client during the run: ("json", type,
         data) or ("binary", event type, payload)."""
@@ -154,7 +156,7 @@ class ComfyServer:
             async with aiohttp.ClientSession() as session:
                 async with session.ws_connect(f"{self.url.replace('http', 'ws')}/ws?clientId={client_id}",
                                               max_msg_size=0) as ws:
-                    prompt_id = await asyncio.to_thread(self.post_prompt, prompt, client_id)
+                    prompt_id = await asyncio.to_thread(self.post_prompt, prompt, client_id, extra_data)
                     deadline = time.time() + timeout
                     while time.time() < deadline:
                         msg = await ws.receive(timeout=max(1.0, deadline - time.time()))

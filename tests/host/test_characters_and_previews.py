@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from comfyui import ComfyServer, error_message, ui_to_api
+from comfyui import ComfyServer, comfyui_dir, error_message, ui_to_api
 from test_pack_in_comfyui import SIZE, _fast, _load, _saved_images
 
 SAVE = "instantcharacter_save_character.json"
@@ -137,6 +137,20 @@ def test_with_previews_off_no_preview_is_sent_and_the_progress_bar_still_moves(s
     assert _previews(messages) == []
     steps = _progress(messages, _node(prompt, "InstantCharacterSampler"))
     assert steps and steps[-1] == (STEPS, STEPS), steps
+
+
+def test_the_frontends_per_run_preview_choice_is_honoured_where_comfyui_reads_it(saved, server, object_info):
+    """Newer frontends send their live-preview setting with each prompt; ComfyUI v0.33 applies it for that run."""
+    if "def set_preview_method" not in (comfyui_dir() / "latent_preview.py").read_text():
+        pytest.skip("this ComfyUI has no per-run preview method (only --preview-method)")
+    prompt = _load_prompt(object_info, saved[1], steps=STEPS, seed=23)
+    entry, messages = server.run_watched(prompt, extra_data={"preview_method": "latent2rgb"})
+    assert entry["status"]["status_str"] == "success", error_message(entry)
+    assert len(_previews(messages)) == STEPS
+    again = _load_prompt(object_info, saved[1], steps=STEPS, seed=24)  # another seed: a cached result sends nothing
+    entry, messages = server.run_watched(again, extra_data={"preview_method": "default"})  # back to none
+    assert entry["status"]["status_str"] == "success", error_message(entry)
+    assert _previews(messages) == [] and _progress(messages, _node(again, "InstantCharacterSampler"))
 
 
 @pytest.fixture(scope="module")
