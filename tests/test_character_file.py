@@ -72,6 +72,15 @@ def test_a_loaded_character_gives_the_same_latents_as_the_encoded_one(tiny_flux,
     assert torch.equal(encoded, loaded)
 
 
+def test_a_loaded_character_gives_apply_the_same_character_tokens(tiny_adapter, features, saved):
+    from instantcharacter.run.native import CharacterEntry
+
+    device = torch.device("cpu")
+    encoded = CharacterEntry(tiny_adapter, features, 0.9)._tokens_for(0.5, device)
+    loaded = CharacterEntry(tiny_adapter, load_character(saved), 0.9)._tokens_for(0.5, device)
+    assert torch.equal(encoded, loaded)
+
+
 def test_two_loaded_characters_blend_like_the_encoded_ones_and_the_blend_saves(tiny_encoders, features, saved,
                                                                                 tmp_path):
     other = tiny_encoders.encode([Image.open(ASSETS / "reference_girl_wave.png")], fit="stretch")
@@ -110,24 +119,6 @@ def test_a_saved_character_generates_in_a_fresh_process_without_the_encoder_fold
     encoded, loaded = sorted((tmp_path / "encoded").glob("*.png")), sorted((tmp_path / "loaded").glob("*.png"))
     assert len(encoded) == len(loaded) == 1
     assert np.array_equal(np.asarray(Image.open(encoded[0])), np.asarray(Image.open(loaded[0])))
-
-
-def test_cli_refuses_character_and_reference_together(tmp_path, capsys):
-    from instantcharacter.__main__ import main
-
-    with pytest.raises(SystemExit):
-        main(["--models-dir", str(tmp_path), "generate", "--character", "a.safetensors", "--reference", "b.png"])
-    assert "--character and --reference" in capsys.readouterr().err
-
-
-def test_cli_names_a_bad_character_file_before_looking_for_models(tmp_path, capsys):
-    from instantcharacter.__main__ import main
-
-    bad = tmp_path / "girl.pt"
-    torch.save({"low_res_deep": torch.zeros(1, 729, 8)}, bad)
-    assert main(["--models-dir", str(tmp_path), "generate", "--character", str(bad)]) == 2
-    err = capsys.readouterr().err
-    assert "PyTorch pickle" in err and "Models not found" not in err
 
 
 def _other_width_encoders(tiny_encoders) -> ReferenceEncoders:
