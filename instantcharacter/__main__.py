@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .files import hub
 from .errors import InputError, InstantCharacterError
-from .files.locations import default_models_dir, locate_all
+from .files.locations import CHARACTERS_SUBDIR, character_file, default_models_dir, locate_all
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 BUNDLED_REFERENCE = ASSETS / "reference_girl.png"
@@ -31,6 +31,11 @@ def _dtype(name: str):
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reference", type=Path, action="append",
                    help=f"reference picture of the character (repeat for several views); default {BUNDLED_REFERENCE.name}")
+    p.add_argument("--character", type=Path, default=None,
+                   help=f"a saved character file instead of --reference (a path, or a name in the models folder's "
+                        f"{CHARACTERS_SUBDIR.as_posix()}); the image encoders are then not needed")
+    p.add_argument("--save-character", type=Path, default=None,
+                   help="also save the character as this .safetensors file (for --character or Load Character)")
     p.add_argument("--prompt", default="a character standing in a sunlit forest, detailed illustration")
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--true-cfg", type=float, default=1.0, help="> 1 with a negative prompt runs true CFG")
@@ -50,16 +55,17 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-dir", type=Path, default=Path("output"))
 
 
-def _paths(args) -> dict[str, Path]:
+def _paths(args, needed: tuple[str, ...]) -> dict[str, Path]:
+    """The model paths ``needed`` (keys of :func:`locate_all`), downloaded with --download when missing."""
     models_dir = args.models_dir or default_models_dir()
-    found = locate_all(models_dir)
+    found = {name: loc for name, loc in locate_all(models_dir).items() if name in needed}
     missing = [loc for loc in found.values() if not loc.present]
     if missing and args.download:
         for loc in missing:
             print(f"downloading {loc.model.repo_id} ({loc.model.size}) into {loc.path} …", flush=True)
             dest = loc.path.parent if loc.model is hub.ADAPTER else loc.path
             hub.download(loc.model, dest)
-        found = locate_all(models_dir)
+        found = {name: loc for name, loc in locate_all(models_dir).items() if name in needed}
         missing = [loc for loc in found.values() if not loc.present]
     if missing:
         lines = "\n".join(f"  {loc.model.repo_id}: {loc.detail} → {loc.path}" for loc in missing)
@@ -89,6 +95,7 @@ def cmd_generate(args) -> int:
     from PIL import Image
 
     from .files.adapter_file import load_adapter
+    from .files.character_file import load_character, save_character
     from .files.encoders import load_reference_encoders
     from .files.flux import load_flux
     from .run.pipeline import GenerationSettings, MemorySettings, generate
@@ -102,16 +109,27 @@ def cmd_generate(args) -> int:
     memory.check()
     if args.output_dir.exists() and not args.output_dir.is_dir():
         raise InputError(f"--output-dir {args.output_dir} is a file, not a folder: give a folder for the pictures.")
-    images = [_open_reference(p) for p in (args.reference or [BUNDLED_REFERENCE])]
-    paths = args.paths if hasattr(args, "paths") else _paths(args)
+    if getattr(args, "save_character", None) is not None and args.save_character.suffix.lower() != ".safetensors":
+        raise InputError(f"--save-character {args.save_character}: a character file is a .safetensors file; give a "
+                         "name ending in .safetensors.")
+    saved = getattr(args, "character", None)
+    if saved is not None:
+        features = load_character(character_file(args.models_dir or default_models_dir(), saved))
+    else:
+        images = [_open_reference(p) for p in (args.reference or [BUNDLED_REFERENCE])]
+    needed = ("flux", "adapter") if saved is not None else ("flux", "siglip", "dinov2", "adapter")
+    paths = args.paths if hasattr(args, "paths") else _paths(args, needed)
     dtype = _dtype(args.dtype)
     offload = args.offload
     device = "cuda" if torch.cuda.is_available() else "cpu"
     started = time.perf_counter()
-    encoders = load_reference_encoders(paths["siglip"], paths["dinov2"], dtype=dtype).to(device)
-    features = encoders.encode(images, fit=args.fit)
-    encoders.to("cpu")
-    del encoders
+    if saved is None:
+        encoders = load_reference_encoders(paths["siglip"], paths["dinov2"], dtype=dtype).to(device)
+        features = encoders.encode(images, fit=args.fit).to("cpu")
+        encoders.to("cpu")
+        del encoders
+    if getattr(args, "save_character", None) is not None:
+        print(f"wrote {save_character(features, args.save_character)}")
     adapter = load_adapter(paths["adapter"], dtype=dtype)
     flux = load_flux(paths["flux"], dtype=dtype)
     print(f"models loaded in {time.perf_counter() - started:.1f} s; offload={offload}, device={device}", flush=True)
@@ -193,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     for command in (gen, doc):  # accepted after the command too; SUPPRESS keeps a value given before it
         command.add_argument("--models-dir", type=Path, default=argparse.SUPPRESS, help=models_help)
     args = parser.parse_args(argv)
+    if args.command == "generate" and args.character is not None and args.reference:
+        parser.error("--character and --reference both give the character: use one")
     if args.command == "generate" and args.offload == "budget" and args.vram_budget is None:
         parser.error("--offload budget needs --vram-budget GiB (the VRAM the run may use)")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -28,3 +28,7 @@ class LoraFileError(InstantCharacterError, ValueError):
 class UnsupportedModelError(InstantCharacterError, TypeError):
     """A MODEL is not FLUX.1-dev as InstantCharacter needs it, or ComfyUI's FLUX blocks are not built as this
     pack expects; the message names what differs."""
+
+
+class CharacterFileError(InstantCharacterError, ValueError):
+    """A character file is missing, unreadable, or not a character file of this pack; nothing was loaded."""

@@ -6,6 +6,7 @@ from comfy_api.latest import ComfyExtension, io
 
 from . import folders
 from .loaders import LoadAdapter, LoadFlux, LoadFluxSingleFile, LoadImageEncoders
+from .characters import LoadCharacter, SaveCharacter
 from .consistency import ConsistencyScore
 from .lora import StyleLora
 from .native import ApplyToModel
@@ -16,7 +17,8 @@ from .sampler import Sampler
 folders.register()
 
 NODES = [LoadFlux, LoadFluxSingleFile, LoadImageEncoders, LoadAdapter, EncodeReference, BlendCharacters,
-         CharacterRegion, CombineCharacters, StyleLora, Sampler, ConsistencyScore, ApplyToModel]
+         CharacterRegion, CombineCharacters, SaveCharacter, LoadCharacter, StyleLora, Sampler, ConsistencyScore,
+         ApplyToModel]
 
 
 class InstantCharacterExtension(ComfyExtension):

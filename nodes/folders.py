@@ -9,17 +9,24 @@ import os
 import folder_paths
 
 from ..instantcharacter.files import hub
+from ..instantcharacter.files.locations import CHARACTERS_FOLDER, CHARACTERS_SUBDIR
 
 IPADAPTER = "ipadapter"
 DOWNLOAD_SUFFIX = " (download)"
 
 
 def register() -> None:
-    """Add models/ipadapter without dropping any path the user configured (extra_model_paths.yaml)."""
-    folder_paths.add_model_folder_path(IPADAPTER, os.path.join(folder_paths.models_dir, IPADAPTER))
-    paths, extensions = folder_paths.folder_names_and_paths[IPADAPTER]
-    if not extensions:
-        folder_paths.folder_names_and_paths[IPADAPTER] = (paths, set(folder_paths.supported_pt_extensions))
+    """Add models/ipadapter and models/instantcharacter/characters without dropping any path the user
+    configured (extra_model_paths.yaml)."""
+    _add(IPADAPTER, IPADAPTER, set(folder_paths.supported_pt_extensions))
+    _add(CHARACTERS_FOLDER, str(CHARACTERS_SUBDIR), {".safetensors"})
+
+
+def _add(folder_name: str, subdir: str, extensions: set[str]) -> None:
+    folder_paths.add_model_folder_path(folder_name, os.path.join(folder_paths.models_dir, subdir))
+    paths, known = folder_paths.folder_names_and_paths[folder_name]
+    if not known:
+        folder_paths.folder_names_and_paths[folder_name] = (paths, extensions)
 
 
 def subfolders(folder_name: str, model_types: tuple[str, ...] | None = None) -> dict[str, str]:

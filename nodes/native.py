@@ -22,9 +22,9 @@ class ApplyToModel(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="A FLUX.1-dev MODEL."),
                 Adapter.Input("adapter", tooltip="From InstantCharacter Load Adapter."),
-                Character.Input("character", tooltip="From InstantCharacter Encode Reference; or from Character "
-                                                     "Region / Combine Characters, whose regions and strengths it "
-                                                     "keeps."),
+                Character.Input("character", tooltip="From InstantCharacter Encode Reference or Load Character; or "
+                                                     "from Character Region / Combine Characters, whose regions and "
+                                                     "strengths it keeps."),
                 io.Float.Input("weight", default=0.9, min=0.0, max=2.0, step=0.05,
                                tooltip="How strongly the character is imposed (the official subject scale; 0 = off)."),
                 io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..instantcharacter.errors import InputError
-from ..instantcharacter.reference.encoders import parse_weights
+from ..instantcharacter.reference.encoders import parse_weights, preparation
 from ..instantcharacter.reference.images import FIT_MODES, LOW_RES, pil_to_tensor, prepare_reference, split_batch
 from .devices import encoders_on_device
 from .types import CATEGORY, Character, Encoders
@@ -78,7 +78,8 @@ class EncodeReference(io.ComfyNode):
         squares = reference_squares(views, fit, crop_to_character, margin)
         with encoders_on_device(encoders):
             features = encoders.encode_squares(squares, parse_weights(weights, len(squares)),
-                                               cancel_check=comfy.model_management.throw_exception_if_processing_interrupted)
+                                               cancel_check=comfy.model_management.throw_exception_if_processing_interrupted,
+                                               preparation=preparation(fit, crop_to_character, margin))
         prepared = torch.stack([pil_to_tensor(sq.resize((LOW_RES, LOW_RES))) for sq in squares])
         return io.NodeOutput(features.to("cpu"), prepared)
 

@@ -23,13 +23,14 @@ class Sampler(io.ComfyNode):
             category=CATEGORY,
             description="Generates pictures of the character with FLUX.1-dev and the InstantCharacter adapter. "
                         "Outputs images and the LATENT (FLUX VAE space: ComfyUI's VAEDecode with ae.safetensors "
-                        "decodes it).",
+                        "decodes it). While it runs, the node shows the picture forming, as KSampler does, with "
+                        "ComfyUI's live preview setting (none, latent2rgb, or TAESD when taef1 is installed).",
             inputs=[
                 Flux.Input("flux", tooltip="From InstantCharacter Load FLUX."),
                 Adapter.Input("adapter", tooltip="From InstantCharacter Load Adapter."),
-                Character.Input("character", tooltip="From InstantCharacter Encode Reference (acts on the whole "
-                                                     "picture), or Combine Characters for several characters, each "
-                                                     "in its own region."),
+                Character.Input("character", tooltip="From InstantCharacter Encode Reference or Load Character (acts "
+                                                     "on the whole picture), or Combine Characters for several "
+                                                     "characters, each in its own region."),
                 io.String.Input("prompt", multiline=True, default="a character standing in a sunlit forest",
                                 tooltip="What to draw. Describe the scene, pose and style; the character comes from "
                                         "the reference."),
@@ -110,9 +111,11 @@ class Sampler(io.ComfyNode):
         mm.unload_all_models()
         mm.soft_empty_cache()
         bar = comfy.utils.ProgressBar(steps)
+        previewer = live_previewer()
 
-        def on_step(step, total):
-            bar.update_absolute(step, total)
+        def on_step(step, total, denoised=None):
+            preview = None if denoised is None else previewer.decode_latent_to_preview_image("JPEG", denoised)
+            bar.update_absolute(step, total, preview)
             mm.throw_exception_if_processing_interrupted()
 
         try:
@@ -124,6 +127,7 @@ class Sampler(io.ComfyNode):
                 character_on_negative=character_on_negative)
             memory = MemorySettings(offload, vram_budget_gb, fp8_storage, mm.get_torch_device())
             result = generate(flux, adapter, character, settings, memory, init_latents=init, step_callback=on_step,
+                              step_latents=previewer is not None,
                               cancel_check=mm.throw_exception_if_processing_interrupted)
         except mm.OOM_EXCEPTION as err:
             if mm.OOM_EXCEPTION is Exception:
@@ -134,3 +138,13 @@ class Sampler(io.ComfyNode):
         logging.info("InstantCharacter Sampler: offload %s%s; VAE decode %s", result.offload, streamed,
                      result.decode or "skipped")
         return io.NodeOutput(result.images, {"samples": result.latents})
+
+
+def live_previewer():
+    """ComfyUI's previewer for FLUX latents under the user's preview setting (--preview-method, or the per-run
+    choice of newer ComfyUIs): latent2rgb, TAESD (taef1 in models/vae_approx), or None when previews are off."""
+    import comfy.latent_formats
+    import comfy.model_management as mm
+    import latent_preview
+
+    return latent_preview.get_previewer(mm.get_torch_device(), comfy.latent_formats.Flux())

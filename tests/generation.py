@@ -5,7 +5,7 @@ from dataclasses import fields
 from instantcharacter.run.pipeline import GenerationSettings, MemorySettings, generate
 
 _MEMORY = {f.name for f in fields(MemorySettings)}
-_CALL = {"init_latents", "loras", "step_callback", "cancel_check"}
+_CALL = {"init_latents", "loras", "step_callback", "step_latents", "cancel_check"}
 
 
 def run(flux, adapter, features, prompt, **kw):

@@ -3,6 +3,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from instantcharacter.__main__ import main
 
@@ -51,3 +52,24 @@ def test_budget_without_a_budget_is_refused_before_loading(tmp_path, capsys):
         main(["--models-dir", str(tmp_path), "generate", "--offload", "budget"])
     assert info.value.code == 2
     assert "--offload budget needs --vram-budget" in capsys.readouterr().err
+
+
+def test_cli_refuses_character_and_reference_together(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--models-dir", str(tmp_path), "generate", "--character", "a.safetensors", "--reference", "b.png"])
+    assert "--character and --reference" in capsys.readouterr().err
+
+
+def test_cli_names_a_bad_character_file_before_looking_for_models(tmp_path, capsys):
+    bad = tmp_path / "girl.pt"
+    torch.save({"low_res_deep": torch.zeros(1, 729, 8)}, bad)
+    assert main(["--models-dir", str(tmp_path), "generate", "--character", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "PyTorch pickle" in err and "Models not found" not in err
+
+
+def test_save_character_needs_a_safetensors_name_before_anything_loads(tmp_path, capsys):
+    assert main(["--models-dir", str(tmp_path), "generate", "--save-character", str(tmp_path / "girl.pt")]) == 2
+    err = capsys.readouterr().err
+    assert "ending in .safetensors" in err and "Models not found" not in err
+    assert not (tmp_path / "girl.pt").exists()

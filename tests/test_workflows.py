@@ -27,7 +27,7 @@ DEPRECATED_CORE_NODES = {
     "wanBlockSwap",
 }
 FILE_CHOICES = {"model", "siglip", "dinov2", "adapter", "lora_name", "unet_name", "clip_name1", "clip_name2",
-                "vae_name", "transformer", "clip_l", "t5", "vae"}  # file/folder combos: their options depend on the disk
+                "vae_name", "transformer", "clip_l", "t5", "vae", "character_file"}  # file/folder combos: on the disk
 
 
 @pytest.fixture(scope="module")

@@ -131,6 +131,10 @@ class TensorFile:
         self._st = None
         self._sd = None
 
+    def metadata(self) -> dict[str, str]:
+        """The header's string metadata of a safetensors file ({} for a PyTorch file)."""
+        return dict(self._st.metadata() or {}) if self._st is not None else {}
+
     def shape(self, key: str) -> tuple[int, ...]:
         if self._st is not None:
             return tuple(self._st.get_slice(key).get_shape())

@@ -121,4 +121,5 @@ def load_reference_encoders(siglip: str | os.PathLike, dino: str | os.PathLike, 
             f"The encoders have {got[0]} (SigLIP) and {got[1]} (DINOv2) layers; InstantCharacter needs "
             f"SigLIP so400m-patch14-384 ({SIGLIP_LAYERS}) and DINOv2-giant ({DINO_LAYERS})."
         )
-    return ReferenceEncoders(siglip_model, dino_model, siglip_norm, normalisation(dino, DINO_DEFAULT_NORM))
+    return ReferenceEncoders(siglip_model, dino_model, siglip_norm, normalisation(dino, DINO_DEFAULT_NORM),
+                             names=(siglip.name, dino.name))

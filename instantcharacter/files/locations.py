@@ -12,6 +12,9 @@ from .hub import ADAPTER, ADAPTER_FILENAME, DINOV2, FLUX_DEV, SIGLIP, HubModel, 
 # ComfyUI folder names and the folders they map to, in ComfyUI's order (downloads go to the first).
 FOLDER_ALIASES = {"diffusion_models": ("unet", "diffusion_models"), "clip_vision": ("clip_vision",),
                   "ipadapter": ("ipadapter",)}
+# saved characters: ComfyUI's folder "instantcharacter_characters" (extra_model_paths.yaml can add others)
+CHARACTERS_FOLDER = "instantcharacter_characters"
+CHARACTERS_SUBDIR = Path("instantcharacter") / "characters"
 
 
 @dataclass
@@ -59,3 +62,10 @@ def locate(models_dir: str | os.PathLike, model: HubModel) -> ModelLocation:
 def locate_all(models_dir: str | os.PathLike) -> dict[str, ModelLocation]:
     return {"flux": locate(models_dir, FLUX_DEV), "siglip": locate(models_dir, SIGLIP),
             "dinov2": locate(models_dir, DINOV2), "adapter": locate(models_dir, ADAPTER)}
+
+
+def character_file(models_dir: str | os.PathLike, name: str | os.PathLike) -> Path:
+    """A character file given as a path, or by its name in the models folder's characters folder."""
+    path = Path(name)
+    inside = Path(models_dir) / CHARACTERS_SUBDIR / path
+    return inside if not path.exists() and not path.is_absolute() and inside.exists() else path

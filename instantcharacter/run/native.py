@@ -46,6 +46,7 @@ class CharacterEntry:
     def __init__(self, adapter: InstantCharacterAdapter, features: ReferenceFeatures, weight: float,
                  start_percent: float = 0.0, end_percent: float = 1.0, on_negative: bool = True,
                  mask: torch.Tensor | None = None, sigma_start: float = 1.0, sigma_end: float = 0.0):
+        features.check_fits(adapter.image_proj.config.feature_dim)
         self.adapter = adapter
         self.features = features
         self.weight = float(weight)

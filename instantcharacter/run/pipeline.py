@@ -223,7 +223,7 @@ def _attach_character(transformer, adapter, settings: GenerationSettings, image_
 
 
 def _denoise(flux, settings: GenerationSettings, state: _Latents, prompts, attachment, characters,
-             step_callback) -> torch.Tensor:
+             step_callback, step_latents: bool) -> torch.Tensor:
     """The flow-match Euler loop; the characters ((tokens per step, weight per image token) pairs) act on the
     steps inside their window."""
     transformer = flux.transformer
@@ -246,10 +246,23 @@ def _denoise(flux, settings: GenerationSettings, state: _Latents, prompts, attac
         if neg is not None:
             neg_pred = predict(i, timestep, neg[0], neg[1], settings.character_on_negative)
             noise_pred = neg_pred + settings.true_cfg * (noise_pred - neg_pred)
+        before = latents
         latents = flux.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
-        if step_callback is not None:
+        if step_callback is None:
+            continue
+        if step_latents:
+            step_callback(i + 1, len(timesteps), _denoised(flux, settings, before, noise_pred))
+        else:
             step_callback(i + 1, len(timesteps))
     return latents
+
+
+def _denoised(flux, settings: GenerationSettings, latents: torch.Tensor, velocity: torch.Tensor) -> torch.Tensor:
+    """The step's estimate of the finished picture, x - sigma * v, as [B, 16, H/8, W/8] in FLUX's model latent space
+    (ComfyUI's Flux latent format ``process_in`` of the VAE latent: what its previewers take)."""
+    sigma = flux.scheduler.sigmas[flux.scheduler.step_index - 1]  # the step just taken
+    x0 = latents - sigma.to(latents.device, latents.dtype) * velocity
+    return flux._unpack_latents(x0, settings.height, settings.width, flux.vae_scale_factor).float()
 
 
 def _decode(flux, placement: Placement, raw: torch.Tensor, lat_h: int, lat_w: int,
@@ -269,7 +282,7 @@ def _decode(flux, placement: Placement, raw: torch.Tensor, lat_h: int, lat_w: in
 def generate(flux, adapter: InstantCharacterAdapter | None, features: ReferenceFeatures | None,
              settings: GenerationSettings, memory: MemorySettings = MemorySettings(), *,
              init_latents: torch.Tensor | None = None, loras: Sequence = (),
-             step_callback: Callable[[int, int], None] | None = None,
+             step_callback: Callable[..., None] | None = None, step_latents: bool = False,
              cancel_check: Callable[[], None] | None = None) -> GenerationResult:
     """Generate ``settings.batch_size`` pictures of the character (or of the prompt alone, with neither
     ``adapter`` nor ``features``).
@@ -281,9 +294,12 @@ def generate(flux, adapter: InstantCharacterAdapter | None, features: ReferenceF
 
     ``init_latents`` (raw VAE space, [1 or B, 16, H/8, W/8]) with ``settings.denoise`` < 1 is img2img.
     ``step_callback(step, total)`` is called after every step; raising from it stops the run (that is how
-    Cancel works); ``cancel_check()`` is called between the other phases and inside the long ones (before every
-    T5 block, every decoded image or tile) and may raise the same way. Style LoRAs (those a :class:`~.lora.FluxWithLoras` ``flux`` carries, then ``loras``:
-    ``(path, strength)`` pairs) act for this run only. Whatever happens, the transformer's attention
+    Cancel works). With ``step_latents`` it is ``step_callback(step, total, denoised)``, ``denoised`` the
+    step's estimate of the finished latents (for live previews, see :func:`_denoised`); without, nothing is
+    unpacked. ``cancel_check()`` is called between the other phases and inside the long ones (before every
+    T5 block, every decoded image or tile) and may raise the same way. Style LoRAs (those a
+    :class:`~.lora.FluxWithLoras` ``flux`` carries, then ``loras``: ``(path, strength)`` pairs) act for this
+    run only. Whatever happens, the transformer's attention
     processors, its LoRA layers and the models' placement are restored before returning.
     """
     settings.check()
@@ -293,6 +309,8 @@ def generate(flux, adapter: InstantCharacterAdapter | None, features: ReferenceF
     cast = []
     if features is not None:
         members = characters_in(features)
+        for member in members:
+            member.features.check_fits(adapter.image_proj.config.feature_dim)
         if not all(torch.isfinite(t).all() for m in members for t in m.features.tensors()):
             raise InputError("The character's features hold NaN or infinite values: encode the reference again "
                              "(a picture or weight that was not finite?).")
@@ -302,7 +320,7 @@ def generate(flux, adapter: InstantCharacterAdapter | None, features: ReferenceF
         raise InputError("The input LATENT holds NaN or infinite values.")
     with _run_lock(flux):  # one run at a time per pipeline: the scheduler and the processors are shared state
         return _generate(flux, adapter, cast, settings, memory, init_latents, loras, step_callback,
-                         cancel_check or (lambda: None))
+                         step_latents, cancel_check or (lambda: None))
 
 
 _LOCKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -325,7 +343,7 @@ _LOCKS_GUARD_FALLBACK = threading.Lock()
 
 
 def _generate(flux, adapter, cast, settings: GenerationSettings, memory: MemorySettings, init_latents, loras,
-              step_callback, cancel_check) -> GenerationResult:
+              step_callback, step_latents, cancel_check) -> GenerationResult:
     transformer, vae = flux.transformer, flux.vae
     dtype = transformer.dtype
     styles = StyleLoras(transformer, (*getattr(flux, "loras", ()), *loras))  # reads and checks; changes nothing
@@ -351,7 +369,7 @@ def _generate(flux, adapter, cast, settings: GenerationSettings, memory: MemoryS
             attachment = _attach_character(transformer, adapter, settings, state.image_seq_len)
             cancel_check()
         with placement.transformer(passes=len(state.timesteps) * cfg_passes), torch.inference_mode():
-            latents = _denoise(flux, settings, state, prompts, attachment, characters, step_callback)
+            latents = _denoise(flux, settings, state, prompts, attachment, characters, step_callback, step_latents)
     finally:
         if attachment is not None:
             attachment.detach()

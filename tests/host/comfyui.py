@@ -42,7 +42,8 @@ class ComfyServer:
     """``main.py --cpu`` on a free port, with the pack visible through an extra-model-paths
     ``custom_nodes`` entry (the ComfyUI checkout is not modified)."""
 
-    def __init__(self, workdir: Path, models: Path, env: dict | None = None):
+    def __init__(self, workdir: Path, models: Path, env: dict | None = None, args: tuple[str, ...] = ()):
+        """``args``: more ``main.py`` arguments (e.g. ``--preview-method latent2rgb``)."""
         self.workdir = workdir
         self.models = models
         self.port = _free_port()
@@ -51,6 +52,7 @@ class ComfyServer:
         self.output_dir = workdir / "output"
         self.log_path = workdir / "server.log"
         self.env = env or {}
+        self.args = tuple(args)
         self.process = None
 
     def __enter__(self) -> "ComfyServer":
@@ -65,7 +67,8 @@ class ComfyServer:
             "instantcharacter_tests:\n"
             f"  base_path: {self.models}\n"
             "  diffusion_models: unet\n  clip_vision: clip_vision\n  ipadapter: ipadapter\n  vae: vae\n"
-            "  text_encoders: text_encoders\n  loras: loras\n"
+            "  text_encoders: text_encoders\n  loras: loras\n  vae_approx: vae_approx\n"
+            "  instantcharacter_characters: instantcharacter/characters\n"
             f"  custom_nodes: {nodes}\n"
         )
         python = os.environ.get("COMFYUI_PYTHON", sys.executable)
@@ -74,7 +77,7 @@ class ComfyServer:
         self.process = subprocess.Popen(
             [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
              "--extra-model-paths-config", str(config), "--output-directory", str(self.output_dir),
-             "--input-directory", str(self.input_dir), "--disable-auto-launch", *_front_end_args()],
+             "--input-directory", str(self.input_dir), "--disable-auto-launch", *_front_end_args(), *self.args],
             cwd=comfyui_dir(), stdout=self._log, stderr=subprocess.STDOUT, env=env)
         deadline = time.time() + 180
         while time.time() < deadline:
@@ -112,8 +115,11 @@ class ComfyServer:
                                      headers={"Content-Type": "application/json"})
         urllib.request.urlopen(req, timeout=30).close()
 
-    def post_prompt(self, prompt: dict) -> str:
-        data = json.dumps({"prompt": prompt}).encode()
+    def post_prompt(self, prompt: dict, client_id: str | None = None, extra_data: dict | None = None) -> str:
+        """``extra_data``: what the frontend sends beside the graph (e.g. its per-run ``preview_method``)."""
+        body = {"prompt": prompt, **({"client_id": client_id} if client_id else {}),
+                **({"extra_data": extra_data} if extra_data else {})}
+        data = json.dumps(body).encode()
         req = urllib.request.Request(self.url + "/prompt", data=data, headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(req, timeout=30) as r:
@@ -132,6 +138,50 @@ class ComfyServer:
                 return entry
             time.sleep(0.5)
         raise AssertionError(f"prompt {prompt_id} did not finish in {timeout} s:\n{self.log_tail()}")
+
+
+    def run_watched(self, prompt: dict, timeout: float = 600, extra_data: dict | None = None) -> tuple[dict, list]:
+        """Run a prompt as a browser tab would, connected to the websocket under the client id the prompt is posted
+        with; returns the history entry and every message sent to that client during the run: ("json", type,
+        data) or ("binary", event type, payload)."""
+        import asyncio
+        import uuid
+
+        import aiohttp
+
+        client_id = uuid.uuid4().hex
+
+        async def watch():
+            messages = []
+            async with aiohttp.ClientSession() as session:
+                async with session.ws_connect(f"{self.url.replace('http', 'ws')}/ws?clientId={client_id}",
+                                              max_msg_size=0) as ws:
+                    prompt_id = await asyncio.to_thread(self.post_prompt, prompt, client_id, extra_data)
+                    deadline = time.time() + timeout
+                    while time.time() < deadline:
+                        msg = await ws.receive(timeout=max(1.0, deadline - time.time()))
+                        if msg.type == aiohttp.WSMsgType.BINARY:
+                            messages.append(("binary", int.from_bytes(msg.data[:4], "big"), msg.data[4:]))
+                            continue
+                        if msg.type != aiohttp.WSMsgType.TEXT:
+                            raise AssertionError(f"websocket closed ({msg.type}):\n{self.log_tail()}")
+                        data = json.loads(msg.data)
+                        messages.append(("json", data["type"], data.get("data", {})))
+                        body = data.get("data") or {}
+                        if body.get("prompt_id") == prompt_id and (
+                                data["type"] in ("execution_success", "execution_error", "execution_interrupted")
+                                or (data["type"] == "executing" and body.get("node") is None)):
+                            return prompt_id, messages
+                    raise AssertionError(f"prompt {prompt_id} did not finish in {timeout} s:\n{self.log_tail()}")
+
+        prompt_id, messages = asyncio.run(watch())
+        deadline = time.time() + 30
+        while time.time() < deadline:  # the history entry is written as the run ends
+            entry = self.get(f"/history/{prompt_id}").get(prompt_id)
+            if entry and entry.get("status", {}).get("completed") is not None:
+                return entry, messages
+            time.sleep(0.2)
+        raise AssertionError(f"prompt {prompt_id} has no history entry:\n{self.log_tail()}")
 
 
 def error_message(entry: dict) -> str:

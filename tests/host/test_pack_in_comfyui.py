@@ -26,14 +26,17 @@ PIPELINE_WORKFLOWS = {
     "instantcharacter_img2img.json": (1, (128, 128)),
     "instantcharacter_style_lora_best_of_4.json": (1, (SIZE, SIZE)),  # the best one is saved, 4 previewed
     "instantcharacter_two_characters.json": (1, (SIZE, SIZE)),
+    "instantcharacter_load_character.json": (1, (SIZE, SIZE)),
 }
+# workflows that need another's output first: the load workflow reads the file the save workflow writes
+RUN_FIRST = {"instantcharacter_load_character.json": "instantcharacter_save_character.json"}
 OUR_NODES = ["InstantCharacterLoadFlux", "InstantCharacterLoadImageEncoders", "InstantCharacterLoadAdapter",
              "InstantCharacterEncodeReference", "InstantCharacterBlendCharacters", "InstantCharacterStyleLora",
              "InstantCharacterSampler", "InstantCharacterConsistencyScore", "InstantCharacterCharacterRegion",
-             "InstantCharacterCombineCharacters"]
+             "InstantCharacterCombineCharacters", "InstantCharacterSaveCharacter", "InstantCharacterLoadCharacter"]
 # combos listing files on disk: what a user has differs from this test's tiny models
 FILE_CHOICES = {"image", "model", "siglip", "dinov2", "adapter", "lora_name", "unet_name", "clip_name1", "clip_name2",
-                "vae_name", "transformer", "clip_l", "t5", "vae"}
+                "vae_name", "transformer", "clip_l", "t5", "vae", "character_file"}
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +134,9 @@ def test_every_pipeline_workflow_is_run():
 @pytest.mark.parametrize("name", PIPELINE_WORKFLOWS)
 def test_shipped_workflow_runs(server, object_info, name):
     count, size = PIPELINE_WORKFLOWS[name]
+    if name in RUN_FIRST:
+        first = server.run(_fast(ui_to_api(_load(RUN_FIRST[name]), object_info), object_info))
+        assert first["status"]["status_str"] == "success", error_message(first) + "\n" + server.log_tail()
     entry = server.run(_fast(ui_to_api(_load(name), object_info), object_info))
     assert entry["status"]["status_str"] == "success", error_message(entry) + "\n" + server.log_tail()
     images = _saved_images(server, entry)
