@@ -52,12 +52,13 @@ class SaveCharacter(io.ComfyNode):
 
     @classmethod
     def execute(cls, character, filename_prefix) -> io.NodeOutput:
+        from ..instantcharacter.run.regions import plain_features
+
+        character = plain_features(character, "Save Character")  # before anything touches the disk
         from comfy_api.latest import ui
 
         from ..instantcharacter.files.character_file import SUFFIX, save_character
-        from ..instantcharacter.run.regions import plain_features
 
-        character = plain_features(character, "Save Character")
         root = os.path.abspath(folders.download_target(CHARACTERS_FOLDER))
         folder, name, counter, _, _ = folder_paths.get_save_image_path(filename_prefix, root)
         path = save_character(character, os.path.join(folder, f"{name}_{counter:05}_{SUFFIX}"))

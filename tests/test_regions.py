@@ -213,5 +213,9 @@ def test_region_and_combine_nodes_give_the_sampler_what_generate_takes(tiny_flux
             nodes.BlendCharacters.execute(a, waving, 0.5)
         with pytest.raises(ValueError, match="Blend Characters.*combined characters"):
             nodes.BlendCharacters.execute(girl, combined, 0.5)
+        with pytest.raises(ValueError, match="Save Character works on characters without a region.*with a region"):
+            nodes.SaveCharacter.execute(a, "regional")
+        with pytest.raises(ValueError, match="Save Character.*combined characters"):
+            nodes.SaveCharacter.execute(combined, "combined")
         blended = nodes.BlendCharacters.execute(girl, waving, 0.25)[0]
         assert torch.allclose(blended.low_res_deep, 0.75 * girl.low_res_deep + 0.25 * waving.low_res_deep)
