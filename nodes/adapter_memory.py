@@ -52,6 +52,8 @@ def make_comfy_managed(adapter: nn.Module) -> None:
     plan = []
     for name, module in adapter.named_modules():
         # told apart by what the classes declare, not by identity: tests import the package twice
+        if hasattr(module, "comfy_cast_weights"):  # already one of ComfyUI's layers
+            continue
         if isinstance(module, nn.Linear) and getattr(module, "casts_input_to_weight_dtype", False):
             plan.append((module, input_cast))
         elif type(module) is nn.Linear:

@@ -6,7 +6,6 @@ where values must be computed, the ``meta`` device where only the bookkeeping is
 CPU device as "no VRAM" and loads fully, so a partial load needs a non-CPU device).
 """
 
-import copy
 import gc
 import importlib
 import logging
@@ -26,12 +25,18 @@ def _memory():
     return importlib.import_module("instantcharacter_pack_native.nodes.adapter_memory")
 
 
-def _fresh(adapter):
-    """A copy of the adapter that ComfyUI has never seen (no patcher, plain torch layers)."""
-    copied = copy.deepcopy(adapter)
-    for key in [k for k in copied.__dict__ if k.startswith("_instantcharacter_comfy")]:
-        del copied.__dict__[key]
-    return copied
+@pytest.fixture
+def fresh(tiny_models):
+    """A newly loaded adapter that ComfyUI has never seen (no patcher, plain torch layers): the session's
+    ``tiny_adapter`` may already have been switched by an Apply in another test."""
+    from instantcharacter.files.adapter_file import load_adapter
+
+    def load():
+        adapter = load_adapter(tiny_models["adapter"], dtype=torch.float32)
+        assert not any(hasattr(m, "comfy_cast_weights") for m in adapter.modules())
+        return adapter
+
+    return load
 
 
 def _bytes_on(module, device):
@@ -58,7 +63,7 @@ def _forget_meta_model(mm, patcher):
         mm.current_loaded_models.remove(loaded)
 
 
-def test_comfyui_counts_the_adapter_once_and_two_runs_reload_nothing(pack, comfy, comfy_flux, tiny_adapter, features,
+def test_comfyui_counts_the_adapter_once_and_two_runs_reload_nothing(pack, comfy, comfy_flux, fresh, features,
                                                                      monkeypatch, caplog):
     """ComfyUI's own load_models_gpu, with the second CPU device standing in for a GPU: two chained Apply nodes
     with one adapter give one adapter model to load, counted at its full size, and a second run moves nothing."""
@@ -68,7 +73,7 @@ def test_comfyui_counts_the_adapter_once_and_two_runs_reload_nothing(pack, comfy
 
     gpu = torch.device("cpu", 1)
     _stand_in_gpu(monkeypatch, mm, gpu, 8 * 2**30)
-    adapter = _fresh(tiny_adapter)
+    adapter = fresh()
     flux = comfy.model_patcher.ModelPatcher(_model_patcher(comfy, comfy_flux).model, load_device=gpu,
                                             offload_device=torch.device("cpu"))
     loads = []
@@ -96,8 +101,8 @@ def test_comfyui_counts_the_adapter_once_and_two_runs_reload_nothing(pack, comfy
         mm.unload_all_models()
 
 
-def test_every_adapter_layer_becomes_a_comfyui_layer_with_the_same_weights(pack, comfy, tiny_adapter):
-    adapter = _fresh(tiny_adapter)
+def test_every_adapter_layer_becomes_a_comfyui_layer_with_the_same_weights(pack, comfy, fresh):
+    adapter = fresh()
     before = {k: v.clone() for k, v in adapter.state_dict().items()}
     _memory().make_comfy_managed(adapter)
     after = adapter.state_dict()
@@ -108,8 +113,8 @@ def test_every_adapter_layer_becomes_a_comfyui_layer_with_the_same_weights(pack,
     assert sum(hasattr(m, "comfy_cast_weights") for m in adapter.modules()) > 4 * adapter.num_layers
 
 
-def test_an_adapter_with_a_layer_comfyui_cannot_manage_is_refused_by_name(pack, comfy, tiny_adapter):
-    adapter = _fresh(tiny_adapter)
+def test_an_adapter_with_a_layer_comfyui_cannot_manage_is_refused_by_name(pack, comfy, fresh):
+    adapter = fresh()
     adapter.image_proj.add_module("extra", torch.nn.Conv1d(2, 2, 1))
     with pytest.raises(Exception, match=r"image_proj\.extra \(Conv1d\)") as raised:
         _memory().make_comfy_managed(adapter)
@@ -117,7 +122,7 @@ def test_an_adapter_with_a_layer_comfyui_cannot_manage_is_refused_by_name(pack, 
     assert not hasattr(adapter.ip_adapter[0].to_k_ip, "comfy_cast_weights")  # nothing switched
 
 
-def test_a_partial_load_is_counted_as_it_lies_and_the_character_moves_nothing(pack, comfy, tiny_adapter, features,
+def test_a_partial_load_is_counted_as_it_lies_and_the_character_moves_nothing(pack, comfy, fresh, features,
                                                                               monkeypatch):
     """A budget of half the adapter: ComfyUI loads part of it and counts exactly the bytes that went to the
     device; the rest stays on the offload device marked for casting; a character call on the device computes
@@ -127,7 +132,7 @@ def test_a_partial_load_is_counted_as_it_lies_and_the_character_moves_nothing(pa
 
     from instantcharacter.run.native import CallState, CharacterEntry
 
-    adapter = _fresh(tiny_adapter)
+    adapter = fresh()
     _stand_in_gpu(monkeypatch, mm, META, 8 * 2**30, vram_state=mm.VRAMState.NO_VRAM)
     patcher = _memory().adapter_patcher(adapter)
     size = mm.module_size(adapter)
@@ -158,7 +163,7 @@ def test_a_partial_load_is_counted_as_it_lies_and_the_character_moves_nothing(pa
 
 
 def test_with_the_adapter_left_offloaded_comfyuis_casting_gives_the_same_result(pack, comfy, comfy_flux,
-                                                                                tiny_flux, tiny_adapter, features,
+                                                                                tiny_flux, fresh, features,
                                                                                 monkeypatch):
     """--novram leaves every adapter layer on the offload device with ComfyUI's casting on; a model call then
     runs through ComfyUI's cast path and gives the fully loaded result bit for bit."""
@@ -166,7 +171,7 @@ def test_with_the_adapter_left_offloaded_comfyuis_casting_gives_the_same_result(
 
     from instantcharacter.run.native import CharacterEntry
 
-    adapter = _fresh(tiny_adapter)
+    adapter = fresh()
     x, ctx, pooled = _inputs(tiny_flux)
     loaded = _comfy_call(comfy_flux, x, ctx, pooled, 0.7, _patches(pack, comfy_flux, [CharacterEntry(adapter, features, 0.9)]))
 
@@ -187,13 +192,13 @@ def test_with_the_adapter_left_offloaded_comfyuis_casting_gives_the_same_result(
 
 
 @pytest.mark.parametrize("offload", ["off", "sequential"])
-def test_the_pipeline_path_is_unchanged_by_comfyui_managing_the_adapter(pack, comfy, tiny_flux, tiny_adapter, features,
+def test_the_pipeline_path_is_unchanged_by_comfyui_managing_the_adapter(pack, comfy, tiny_flux, fresh, features,
                                                                         offload):
     """The Sampler and Apply share one loaded adapter: after Apply switched its layers to ComfyUI's, the
     pipeline path gives the same latents as with plain torch layers."""
     from generation import run
 
-    plain, managed = _fresh(tiny_adapter), _fresh(tiny_adapter)
+    plain, managed = fresh(), fresh()
     _memory().make_comfy_managed(managed)
     args = dict(width=64, height=64, steps=2, seed=3, max_sequence_length=32, offload=offload, device="cpu")
     a = run(tiny_flux, plain, features, "a girl in a red coat", **args)
