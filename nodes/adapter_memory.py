@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import functools
 
-import torch.nn.functional as F
 from torch import nn
 
 from ..instantcharacter.errors import UnsupportedModelError
+from ..instantcharacter.model.attention import _InputCastLinear
 
 ADAPTER_PATCHER = "_instantcharacter_comfy_patcher"
 _MANAGED = "_instantcharacter_comfy_managed"
@@ -35,7 +35,7 @@ def _input_cast_linear_class():
             dtype = self.weight.dtype
             if self.comfy_cast_weights or self.weight_function or self.bias_function:
                 return base.forward(self, x.to(dtype))
-            return F.linear(x.to(dtype), self.weight, None if self.bias is None else self.bias.to(dtype))
+            return _InputCastLinear.forward(self, x)
 
     return ComfyInputCastLinear
 
