@@ -142,6 +142,7 @@ def load_adapter(path: str | os.PathLike, dtype: torch.dtype | None = None,
     target = dtype or next(iter(flat.values())).dtype
     flat = {k: v.to(device=device, dtype=target) for k, v in flat.items()}
     model.load_state_dict(flat, strict=True, assign=True)
+    model.loaded_from = path  # so a host can load another copy (one per device) the same way
     return model.eval().requires_grad_(False)
 
 

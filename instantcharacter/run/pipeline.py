@@ -240,12 +240,18 @@ def _denoise(flux, settings: GenerationSettings, state: _Latents, prompts, attac
                            pooled_projections=pooled_embeds, encoder_hidden_states=embeds,
                            txt_ids=text_ids, img_ids=state.image_ids, return_dict=False)[0]
 
+    # both passes of a step see the same character tokens: the negative one reuses the positive one's keys/values
+    share_keys_values = attachment is not None and neg is not None and settings.character_on_negative
     for i, t in enumerate(timesteps):
         timestep = t.expand(settings.batch_size).to(latents.dtype)
+        if share_keys_values:
+            attachment.context.kv_cache = {}
         noise_pred = predict(i, timestep, prompt_embeds, pooled, True)
         if neg is not None:
             neg_pred = predict(i, timestep, neg[0], neg[1], settings.character_on_negative)
             noise_pred = neg_pred + settings.true_cfg * (noise_pred - neg_pred)
+        if share_keys_values:
+            attachment.context.kv_cache = None
         before = latents
         latents = flux.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
         if step_callback is None:

@@ -507,35 +507,36 @@ def test_the_window_follows_a_sampling_shift_placed_after_apply(pack, comfy, com
 
     class Guider:
         model_patcher = shifted
+        model_options = shifted.model_options
         conds = {"positive": [{"uuid": "p"}], "negative": [{"uuid": "n"}]}
 
+    guider = Guider()
     seen = {}
 
     class Executor:
-        class_obj = Guider()
+        class_obj = guider
 
         def __call__(self, *args, **kwargs):
-            entry = dit[("double_block", 0)].characters.entries[0]
-            characters = dit[("double_block", 0)].characters
-            seen.update(start=entry.sigma_start, end=entry.sigma_end, negative=characters.negative_uuids)
+            run = guider.model_options["transformer_options"][pack.RUN_KEY]
+            seen.update(window=run.windows[0], negative=run.negative_uuids)
             return "sampled"
 
-    dit = shifted.model_options["transformer_options"]["patches_replace"]["dit"]
     assert wrappers[0](Executor()) == "sampled"
-    assert seen["start"] == pytest.approx(sampling.percent_to_sigma(0.25))
-    assert seen["end"] == pytest.approx(sampling.percent_to_sigma(0.75))
+    assert seen["window"] == pytest.approx((sampling.percent_to_sigma(0.25), sampling.percent_to_sigma(0.75)))
     assert seen["negative"] == {"n"}  # the negative conditioning is told by its ids, not by its position
+    # the run's state lived in the run's own copy of the options: the MODEL's are as they were
+    assert guider.model_options is shifted.model_options and pack.RUN_KEY not in shifted.model_options[
+        "transformer_options"]
 
 
 def test_the_negative_pass_is_told_by_the_negative_conditioning_not_by_position(tiny_adapter, features):
     from instantcharacter.run.native import CharacterSet
 
-    characters = CharacterSet()
-    characters.begin_run(None, {"neg"})
+    run = CharacterSet().run(None, {"neg"})
     # DualCFGGuider batches [negative, middle, positive]: chunk index 0 is the negative one there
-    assert characters.negative_rows(6, [0, 1, 2], ["neg", "mid", "pos"]) == (True, True, False, False, False, False)
-    characters.end_run()
-    assert characters.negative_rows(4, [0, 1], ["a", "b"]) == (False, False, True, True)  # CFGGuider: 1 = uncond
+    assert run.negative_rows(6, [0, 1, 2], ["neg", "mid", "pos"]) == (True, True, False, False, False, False)
+    outside = CharacterSet().run()
+    assert outside.negative_rows(4, [0, 1], ["a", "b"]) == (False, False, True, True)  # CFGGuider: 1 = uncond
 
 
 def _unsupported_model_error():
