@@ -24,6 +24,11 @@ from ..instantcharacter.errors import UnsupportedModelError
 from ..instantcharacter.model.attention import _InputCastLinear
 
 ADAPTER_PATCHERS = "_instantcharacter_comfy_patchers"  # on the adapter: its patcher per load device
+
+
+def adapter_key(adapter) -> str:
+    """The key of an adapter's patcher among a MODEL's additional models (copied per device by ComfyUI)."""
+    return f"instantcharacter_adapter_{id(adapter)}"
 _MANAGED = "_instantcharacter_comfy_managed"
 
 
@@ -121,3 +126,14 @@ def adapter_patcher(adapter, load_device=None):
                 "Load Adapter (and use a ComfyUI with Select Model Device, v0.22 or newer).")
         patcher = patchers[load_device] = main.deepclone_multigpu(new_load_device=load_device)
     return patcher
+
+
+def follow_model_device(model_patcher, adapters) -> None:
+    """Give a MODEL whose device changed after Apply the adapter copy of its device. Select Model Device's
+    GPU choice copies the additional models with the MODEL; its CPU choice retargets the MODEL's patcher alone
+    and would leave the adapter on the old device."""
+    for adapter in adapters:
+        key = adapter_key(adapter)
+        found = model_patcher.get_additional_models_with_key(key)
+        if found and found[0].load_device != model_patcher.load_device:
+            model_patcher.set_additional_models(key, [adapter_patcher(adapter, model_patcher.load_device)])

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from .adapter_memory import adapter_patcher
-from .native_patch import WRAPPER_KEY, adapter_key
+from .adapter_memory import adapter_key, adapter_patcher
+from .native_patch import WRAPPER_KEY
 from .types import CATEGORY, Adapter, Character
 
 class ApplyToModel(io.ComfyNode):

@@ -30,6 +30,7 @@ import torch
 from ..instantcharacter.errors import UnsupportedModelError
 from ..instantcharacter.model.attention import IP_HEAD_DIM
 from ..instantcharacter.run.native import CallState, CharacterCall, CharacterSet, RunState
+from .adapter_memory import adapter_key, follow_model_device
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +53,6 @@ _ADAPTERS: ContextVar[tuple | None] = ContextVar("instantcharacter_adapters", de
 # the block call whose hooks may act on a forward in this thread
 _BLOCK: ContextVar[object | None] = ContextVar("instantcharacter_block", default=None)
 
-
-def adapter_key(adapter) -> str:
-    """The key of an adapter's patcher among a MODEL's additional models (copied per device by ComfyUI)."""
-    return f"{WRAPPER_KEY}_adapter_{id(adapter)}"
 NOT_FLUX = ("InstantCharacter Apply works on a FLUX.1-dev MODEL (Load Diffusion Model, a GGUF or fp8 loader); "
             "this one {}.")
 
@@ -318,6 +315,7 @@ def outer_sample_wrapper(characters: CharacterSet):
         import comfy.model_patcher
 
         guider = executor.class_obj
+        follow_model_device(guider.model_patcher, {id(e.adapter): e.adapter for e in characters.entries}.values())
         sampling = guider.model_patcher.get_model_object("model_sampling")
         conds = getattr(guider, "conds", None) or {}
         negative = {c.get("uuid") for c in conds.get("negative", []) if isinstance(c, dict)} - {None}
