@@ -188,7 +188,7 @@ class CharacterBlockPatch:
                         f"ComfyUI's FLUX {self.kind} block {self.index} did not run its qkv projection before its "
                         f"output projection, so the character cannot be added." + _version_hint())
                 _add_rows(inputs[0], call.rows, box.delta, first, hidden)
-                box.delta, box.added = None, True
+                box.delta = None
 
             handles = [query_module.register_forward_hook(after_qkv),
                        output_module.register_forward_pre_hook(before_output)]
@@ -199,7 +199,7 @@ class CharacterBlockPatch:
                 _BLOCK.reset(token)
                 for handle in handles:
                     handle.remove()
-            if not box.added:
+            if box.delta is not None:
                 raise UnsupportedModelError(f"ComfyUI's FLUX {self.kind} block {self.index} never called its output "
                                             "projection, so the character was not added." + _version_hint())
             return out
@@ -231,11 +231,10 @@ class CharacterBlockPatch:
 class _BlockCall:
     """One block call's character term, between its two hooks."""
 
-    __slots__ = ("delta", "added")
+    __slots__ = ("delta",)
 
     def __init__(self):
         self.delta = None
-        self.added = False
 
 
 def call_state(run: RunState, model, x, timestep, context, ref_latents, options) -> CallState:
