@@ -24,12 +24,12 @@ from ..instantcharacter.errors import UnsupportedModelError
 from ..instantcharacter.model.attention import _InputCastLinear
 
 ADAPTER_PATCHERS = "_instantcharacter_comfy_patchers"  # on the adapter: its patcher per load device
+_MANAGED = "_instantcharacter_comfy_managed"
 
 
 def adapter_key(adapter) -> str:
     """The key of an adapter's patcher among a MODEL's additional models (copied per device by ComfyUI)."""
     return f"instantcharacter_adapter_{id(adapter)}"
-_MANAGED = "_instantcharacter_comfy_managed"
 
 
 @functools.cache
