@@ -119,6 +119,20 @@ def test_a_zip_bomb_is_refused_before_it_is_unpacked(tmp_path, loader, suffix, t
     assert "zip bomb" in message
 
 
+def test_a_zip_bomb_in_an_encoder_folder_is_refused_before_transformers_unpacks_it(tmp_path):
+    """The folder's pickled weights get the same bound before transformers opens them (before: transformers'
+    memory-mapped load failed on the compressed record, reported as a damaged folder)."""
+    from instantcharacter.files.encoders import load_reference_encoders
+    from instantcharacter.testing.tiny import write_tiny_dinov2, write_tiny_siglip
+
+    siglip, dino = write_tiny_siglip(tmp_path / "siglip"), write_tiny_dinov2(tmp_path / "dino")
+    (dino / "model.safetensors").unlink()
+    write_torch_zip(dino / "pytorch_model.bin", {"embeddings.cls_token": (torch.float32, DECLARED // 4)})
+    with pytest.raises(ModelFolderError, match=r"DINOv2 folder .* is not loaded: pytorch_model.bin declares 0.54 GB "
+                                               r"of data in a file of"):
+        load_reference_encoders(siglip, dino)
+
+
 def test_an_uncompressed_checkpoint_of_the_same_layout_still_loads(tmp_path):
     """The bound reads the declared sizes only: a stored (torch.save-like) archive of real size passes it."""
     from instantcharacter.files.checkpoint import read_checkpoint
