@@ -96,8 +96,8 @@ def character_prefix(prefix: str, where: str = "the characters folder") -> str:
         raise InputError(f"filename_prefix {prefix!r} would make a hidden file ({name}_00001_{SUFFIX}), which "
                          "file browsers hide: start the name with a letter or digit.")
     parts = normal.split(os.sep)
-    for part in parts:
-        limit = NAME_MAX - (NUMBERED_TAIL if part is parts[-1] else 0)
+    for i, part in enumerate(parts):
+        limit = NAME_MAX - (NUMBERED_TAIL if i == len(parts) - 1 else 0)
         if len(os.fsencode(part)) > limit:
             raise InputError(f"filename_prefix is too long: '{part[:40]}…' has {len(os.fsencode(part))} bytes, and a "
                              f"file name may have {NAME_MAX} (the number and {SUFFIX} take {NUMBERED_TAIL}): shorten "
@@ -214,9 +214,10 @@ def _contents(features) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
                          "checked when loaded: save the character that Encode Reference gives.")
     if not all(torch.isfinite(t).all() for t in features.tensors()):
         raise InputError("The character's features hold NaN or infinite values: encode the reference again.")
-    if features.largest_value() > FEATURE_LIMIT:
-        raise InputError(f"The character's features reach {features.largest_value():.3g}, far beyond what SigLIP and "
-                         f"DINOv2 produce (a file could not be loaded again): encode the reference again.")
+    largest = features.largest_value()
+    if largest > FEATURE_LIMIT:  # Load Character would refuse the file
+        raise InputError(f"The character's features reach {largest:.3g}, far beyond what SigLIP and DINOv2 produce: "
+                         "encode the reference again.")
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in zip(FEATURES, features.tensors())}
     source = features.source
     if source.preview is not None:
