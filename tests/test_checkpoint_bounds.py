@@ -6,6 +6,7 @@ import collections
 import io
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -185,7 +186,7 @@ class _RunsCode:
 def _malicious_pickles(tmp_path: Path) -> dict[str, Path]:
     """The two ways torch 2.13 words a refused global: a blocked module (os.system → 'unsupported GLOBAL posix.system
     whose module posix is blocked', in a zip checkpoint as torch.save writes them) and one not allowed by default
-    (builtins.eval → 'Unsupported global: GLOBAL builtins.eval was not an allowed global'), in a legacy pickle."""
+    (shutil.rmtree → 'Unsupported global: GLOBAL shutil.rmtree was not an allowed global'), in a legacy pickle."""
     marker = tmp_path / "ran"
     blocked = write_torch_zip(tmp_path / "blocked.bin", {("image_proj", "w"): (torch.float32, 4)}, compress=False)
     with zipfile.ZipFile(blocked) as archive:
@@ -195,7 +196,9 @@ def _malicious_pickles(tmp_path: Path) -> dict[str, Path]:
         for name, data in records.items():
             archive.writestr(name, data)
     not_allowed = tmp_path / "not_allowed.bin"
-    not_allowed.write_bytes(pickle.dumps({"image_proj": _RunsCode(eval, f"open({str(marker)!r}, 'w')")}, protocol=2))
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    not_allowed.write_bytes(pickle.dumps({"image_proj": _RunsCode(shutil.rmtree, str(kept))}, protocol=2))
     return {"blocked": blocked, "not allowed": not_allowed}
 
 
@@ -214,8 +217,8 @@ def test_a_malicious_pickle_is_called_unsafe_in_our_words_whatever_torch_says(tm
             load(path)
         message = str(info.value)
         assert "weights_only" not in message and "truncated" not in message and "safe_globals" not in message, message
-        assert ("GLOBAL posix.system" if wording == "blocked" else "GLOBAL eval") in message, message
-    assert not (tmp_path / "ran").exists()
+        assert ("GLOBAL posix.system" if wording == "blocked" else "GLOBAL shutil.rmtree") in message, message
+    assert not (tmp_path / "ran").exists() and (tmp_path / "kept").is_dir()
 
 
 def test_damaged_files_say_damaged_without_torchs_advice(tmp_path):
