@@ -36,6 +36,8 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
                         f"{CHARACTERS_SUBDIR.as_posix()}); the image encoders are then not needed")
     p.add_argument("--save-character", type=Path, default=None,
                    help="also save the character as this .safetensors file (for --character or Load Character)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="let --save-character replace an existing character file (never any other file)")
     p.add_argument("--prompt", default="a character standing in a sunlit forest, detailed illustration")
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--true-cfg", type=float, default=1.0, help="> 1 with a negative prompt runs true CFG")
@@ -95,7 +97,7 @@ def cmd_generate(args) -> int:
     from PIL import Image
 
     from .files.adapter_file import load_adapter
-    from .files.character_file import load_character, save_character
+    from .files.character_file import check_save_path, load_character, save_character
     from .files.encoders import load_reference_encoders
     from .files.flux import load_flux
     from .run.pipeline import GenerationSettings, MemorySettings, generate
@@ -109,9 +111,9 @@ def cmd_generate(args) -> int:
     memory.check()
     if args.output_dir.exists() and not args.output_dir.is_dir():
         raise InputError(f"--output-dir {args.output_dir} is a file, not a folder: give a folder for the pictures.")
-    if getattr(args, "save_character", None) is not None and args.save_character.suffix.lower() != ".safetensors":
-        raise InputError(f"--save-character {args.save_character}: a character file is a .safetensors file; give a "
-                         "name ending in .safetensors.")
+    save_to = getattr(args, "save_character", None)
+    if save_to is not None:  # a folder, a file in the way, no permission, an existing file: before any encoder runs
+        check_save_path(save_to, getattr(args, "overwrite", False))
     saved = getattr(args, "character", None)
     if saved is not None:
         features = load_character(character_file(args.models_dir or default_models_dir(), saved))
@@ -128,8 +130,8 @@ def cmd_generate(args) -> int:
         features = encoders.encode(images, fit=args.fit).to("cpu")
         encoders.to("cpu")
         del encoders
-    if getattr(args, "save_character", None) is not None:
-        print(f"wrote {save_character(features, args.save_character)}")
+    if save_to is not None:
+        print(f"wrote {save_character(features, save_to, overwrite=getattr(args, 'overwrite', False))}")
     adapter = load_adapter(paths["adapter"], dtype=dtype)
     flux = load_flux(paths["flux"], dtype=dtype)
     print(f"models loaded in {time.perf_counter() - started:.1f} s; offload={offload}, device={device}", flush=True)

@@ -102,6 +102,7 @@ def download(model: HubModel, dest: str | os.PathLike, progress: Callable[[int, 
     (tests point it at a local stand-in; ``HF_ENDPOINT`` works too, if set before huggingface_hub is first
     imported, i.e. before ComfyUI starts)."""
     dest = Path(dest)
+    _check_destination(dest)
     created = [d for d in (dest, *dest.parents) if not d.exists()]
     dest.mkdir(parents=True, exist_ok=True)
     try:
@@ -113,6 +114,19 @@ def download(model: HubModel, dest: str | os.PathLike, progress: Callable[[int, 
             if folder.is_dir() and not any(folder.iterdir()):
                 folder.rmdir()
         raise
+
+
+def _check_destination(dest: Path) -> None:
+    """Refuse, before any download, a destination that cannot become a folder: a link to nothing (a moved model
+    folder, an unplugged drive) or a file, there or above it."""
+    for path in (dest, *dest.parents):
+        if path.is_symlink() and not path.exists():
+            raise DownloadError(f"{path} is a link to {os.readlink(path)}, which does not exist (moved, deleted or on "
+                                "a drive that is not connected): restore its target, or delete the link to download "
+                                "into a new folder there.")
+        if path.exists() and not path.is_dir():
+            raise DownloadError(f"{path} is a file, so nothing can be downloaded into it: move the file away and run "
+                                "again.")
 
 
 def _snapshot(model: HubModel, dest: Path, tqdm_class, endpoint: str | None) -> None:
