@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..errors import InputError
+from ..errors import NonFiniteResultError
 from ..model.adapter import InstantCharacterAdapter
 from ..reference.encoders import ReferenceFeatures
 from .regions import share_overlaps, token_region
@@ -131,7 +131,7 @@ class TokenCache:
                     slot.merged = merge_reference(adapter, entry.features, device)
                 tokens = project_tokens(adapter, slot.merged, sigma)
                 if tokens.device.type != "meta" and not torch.isfinite(tokens).all():  # meta holds no values
-                    raise InputError(
+                    raise NonFiniteResultError(
                         f"The character's tokens at sigma {sigma:.4g} are not finite numbers: its features are "
                         "implausible (a damaged or edited character file?). Encode the reference again or load "
                         "another character.")

@@ -578,3 +578,19 @@ def test_a_flux2_style_model_is_refused_at_apply(pack, comfy, tiny_flux, tiny_ad
     model = _comfy_twin(tiny_flux.transformer, torch.float32, comfy.ops.disable_weight_init, global_modulation=True)
     with pytest.raises(UnsupportedModelError, match="no per-block modulation"):
         _apply(_model_patcher(comfy, model), tiny_adapter, features)
+
+
+def test_implausible_features_stop_the_call_by_name_instead_of_a_nan_picture(pack, comfy_flux, tiny_flux,
+                                                                              tiny_adapter, features):
+    """Features far outside the encoders' range (an edited character file that got past its checks) make the
+    character's tokens NaN: the model call stops with a named error instead of returning a NaN picture."""
+    import dataclasses
+
+    from instantcharacter.run.native import CharacterEntry
+
+    huge = dataclasses.replace(features, **{k: getattr(features, k) * 1e30 for k in
+                                            ("low_res_shallow", "low_res_deep", "high_res_deep")})
+    x, ctx, pooled = _inputs(tiny_flux)
+    with pytest.raises(Exception, match="tokens at sigma 0.6 are not finite") as raised:
+        _comfy_call(comfy_flux, x, ctx, pooled, 0.6, _patches(pack, comfy_flux, [CharacterEntry(tiny_adapter, huge, 0.9)]))
+    assert type(raised.value).__name__ == "NonFiniteResultError"
