@@ -64,14 +64,16 @@ def _save(path: Path, obj) -> Path:
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file
 
-        save_file(obj, str(path))
+        save_file({k: v.contiguous() for k, v in obj.items()}, str(path))
     else:
         torch.save(obj, path)
     return path
 
 
 def _r(*shape):
-    return torch.zeros(*shape)
+    """A zero tensor of ``shape`` that costs one element on disk in a pickle (the checks read names and shapes
+    only; the full-size InstantX adapter would otherwise be a 5.7 GB file)."""
+    return torch.zeros(()).expand(*shape)
 
 
 def _sd15_ip_adapter():
