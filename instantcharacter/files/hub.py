@@ -19,6 +19,7 @@ from typing import Callable
 
 from ..errors import DownloadError
 from .checkpoint import short_error
+from .hub_retries import one_line_per_retry
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,8 @@ def download(model: HubModel, dest: str | os.PathLike, progress: Callable[[int, 
     created = [d for d in (dest, *dest.parents) if not d.exists()]
     dest.mkdir(parents=True, exist_ok=True)
     try:
-        _snapshot(model, dest, _progress_tqdm(progress) if progress else None, endpoint)
+        with one_line_per_retry():
+            _snapshot(model, dest, _progress_tqdm(progress) if progress else None, endpoint)
         return _check_complete(model, dest)
     except DownloadError:
         _remove_lock_files(dest)

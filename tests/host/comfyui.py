@@ -75,8 +75,8 @@ class ComfyServer:
         env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_DISABLE_TELEMETRY="1", **self.env)
         self._log = open(self.log_path, "w")
         self.process = subprocess.Popen(
-            # --base-directory: ComfyUI's own folders (custom_nodes, user, temp, models) in the work folder, so
-            # the ComfyUI tree is only read (and need not hold a custom_nodes folder)
+            # --base-directory: ComfyUI's own folders (custom_nodes, user, temp, models) in workdir, so the ComfyUI
+            # tree is only read, and need not have a custom_nodes folder (v0.33 lists it at start-up)
             [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
              "--base-directory", str(self.workdir),
              "--extra-model-paths-config", str(config), "--output-directory", str(self.output_dir),
