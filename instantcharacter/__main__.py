@@ -87,8 +87,7 @@ def _paths(args, needed: tuple[str, ...]) -> dict[str, Path]:
         _check_before_download(missing, Path(models_dir))
         for loc in missing:
             print(f"downloading {loc.model.repo_id} ({loc.model.size}) into {loc.path} …", flush=True)
-            dest = loc.path.parent if loc.model is hub.ADAPTER else loc.path
-            hub.download(loc.model, dest)
+            hub.download(loc.model, loc.download_folder)
         found = {name: loc for name, loc in locate_all(models_dir).items() if name in needed}
         missing = [loc for loc in found.values() if not loc.present]
     if missing:

@@ -103,7 +103,7 @@ def download(model: HubModel, dest: str | os.PathLike, progress: Callable[[int, 
     (tests point it at a local stand-in; ``HF_ENDPOINT`` works too, if set before huggingface_hub is first
     imported, i.e. before ComfyUI starts)."""
     dest = Path(dest)
-    _check_destination(dest)
+    check_destination(dest)
     created = [d for d in (dest, *dest.parents) if not d.exists()]
     dest.mkdir(parents=True, exist_ok=True)
     try:
@@ -118,7 +118,7 @@ def download(model: HubModel, dest: str | os.PathLike, progress: Callable[[int, 
         raise
 
 
-def _check_destination(dest: Path) -> None:
+def check_destination(dest: Path) -> None:
     """Refuse, before any download, a destination that cannot become a folder: a link to nothing (a moved model
     folder, an unplugged drive) or a file, there or above it."""
     for path in (dest, *dest.parents):

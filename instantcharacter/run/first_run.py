@@ -1,6 +1,7 @@
 """The checks the command line makes before it downloads anything: which models are missing (all of them, with
-their sizes), whether the disk has room for them, whether a Hugging Face token is there for the gated
-FLUX.1-dev, and whether a CUDA GPU is there to run them. A run that cannot work stops before the first byte."""
+their sizes), whether each can be downloaded where it goes (not into a link to nothing or a file), whether the disk
+has room for them, whether a Hugging Face token is there for the gated FLUX.1-dev, and whether a CUDA GPU is there
+to run them. A run that cannot work stops before the first byte."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import DownloadError
+from ..files.hub import check_destination
 from ..files.locations import ModelLocation
 
 GB = 10**9  # model sizes are given as the Hub shows them (decimal GB)
@@ -63,6 +66,10 @@ def check_before_download(missing: list[ModelLocation], models_dir: Path, gpu: s
         gated = " (gated)" if loc.model.gated else ""
         state = "" if loc.detail == "missing" else f"; {loc.detail}"
         report.lines.append(f"to download: {loc.model.repo_id}{gated}, {loc.model.size} → {loc.path}{state}")
+        try:
+            check_destination(loc.download_folder)
+        except DownloadError as err:
+            report.problems.append(str(err))
 
     free = _free_bytes(models_dir) / GB
     report.lines.append(f"disk: {total:.1f} GB to download, {free:.1f} GB free under {models_dir.resolve()}")
