@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 PACK = "instantcharacter_pack_bench"
 
+ALL_DEVICES = "get_all_torch_devices"
 FULL = dict(hidden=3072, heads=24, double=19, single=38, context=4096, vec=768)
 SMALL = dict(hidden=256, heads=2, double=2, single=2, context=32, vec=32)
 
@@ -210,8 +211,8 @@ def cfg_split_rows(apply, plain, adapter, features, sizes, device, steps: int, s
         multigpu = importlib.import_module("comfy_extras.nodes_multigpu")
     except ImportError:
         return ["| CFG split | — | this ComfyUI has no MultiGPU CFG Split (v0.22+) |"]
-    if stand_in:
-        mm.get_all_torch_devices = lambda exclude_current=False: [torch.device("cpu"), torch.device("cpu", 1)]
+    if stand_in:  # ComfyUI's device list, named as a string: it exists only where the multi-GPU nodes do (v0.22+)
+        setattr(mm, ALL_DEVICES, lambda exclude_current=False: [torch.device("cpu"), torch.device("cpu", 1)])
     elif torch.cuda.device_count() < 2:
         return ["| CFG split | — | one device: not measured |"]
 

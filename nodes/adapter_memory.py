@@ -25,6 +25,7 @@ from ..instantcharacter.model.attention import _InputCastLinear
 
 ADAPTER_PATCHERS = "_instantcharacter_comfy_patchers"  # on the adapter: its patcher per load device
 _MANAGED = "_instantcharacter_comfy_managed"
+CORE_PATCHER = "CoreModelPatcher"  # the patcher class ComfyUI makes its own add-on models with
 
 
 def adapter_key(adapter) -> str:
@@ -85,9 +86,11 @@ def _core_patcher(adapter, disable_dynamic: bool = False):
     import comfy.model_management as mm
     import comfy.model_patcher
 
-    # looked up now, not at import: main.py reassigns CoreModelPatcher when it turns dynamic VRAM on (v0.16+)
-    cls = comfy.model_patcher.ModelPatcher if disable_dynamic else getattr(
-        comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
+    cls = comfy.model_patcher.ModelPatcher
+    if not disable_dynamic:
+        # looked up now, not at import: main.py reassigns it when it turns dynamic VRAM on; by name, as ComfyUI
+        # before dynamic VRAM (v0.16) has none
+        cls = getattr(comfy.model_patcher, CORE_PATCHER, cls)
     patcher = cls(adapter, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
     source = getattr(adapter, "loaded_from", None)
     if source is not None:
