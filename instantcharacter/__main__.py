@@ -1,7 +1,9 @@
-"""Command line: ``python -m instantcharacter generate|doctor``.
+"""Command line: ``python -m instantcharacter generate|doctor|storyboard``.
 
 ``generate`` runs the same code as the ComfyUI nodes without ComfyUI; ``doctor`` reports the machine,
-the model files and the offload setting to use (``--selftest`` runs a tiny random end-to-end).
+the model files and the offload setting to use (``--selftest`` runs a tiny random end-to-end);
+``storyboard`` draws one character through the panels of a text file, the best of k candidates each, resumable,
+here or on a Ray cluster.
 """
 
 from __future__ import annotations
@@ -198,6 +200,155 @@ def cmd_doctor(args) -> int:
     return _selftest(args) if args.selftest else 0
 
 
+def _add_storyboard_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("panels", type=Path, metavar="PANELS.txt",
+                   help="one panel prompt per line (blank lines and lines starting with # are skipped)")
+    p.add_argument("--style", default="", help="added to every panel: 'TEXT' after each line, or 'TEXT {panel} "
+                                              "TEXT' with the line in place of {panel}")
+    p.add_argument("--candidates", type=int, default=4,
+                   help="pictures drawn per panel; the one most like the character is kept (default 4)")
+    p.add_argument("--reference", type=Path, action="append",
+                   help=f"reference picture of the character (repeat for several views); default {BUNDLED_REFERENCE.name}")
+    p.add_argument("--character", type=Path, default=None,
+                   help=f"a saved character file instead of --reference (a path, or a name in the models folder's "
+                        f"{CHARACTERS_SUBDIR.as_posix()})")
+    p.add_argument("--seed", type=int, default=123456, help="the board's seed: every candidate's seed derives from it "
+                                                            "and the panel and candidate numbers (default 123456)")
+    p.add_argument("--output-dir", type=Path, default=None,
+                   help="where the panels, contact_sheet.png and manifest.jsonl go (default output/<PANELS name>); "
+                        "run again with the same folder to resume")
+    p.add_argument("--width", type=int, default=1024)
+    p.add_argument("--height", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=28)
+    p.add_argument("--guidance", type=float, default=3.5)
+    p.add_argument("--subject-scale", type=float, default=0.9)
+    p.add_argument("--fit", choices=("stretch", "pad", "crop"), default="stretch",
+                   help="how --reference pictures are made square")
+    p.add_argument("--offload", choices=("auto", "off", "budget", "sequential"), default="auto")
+    p.add_argument("--vram-budget", type=float, default=None, help="GiB for --offload budget")
+    p.add_argument("--fp8", action="store_true", help="store transformer weights as fp8 (compute in bf16)")
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
+    p.add_argument("--download", action="store_true", help="download missing models (FLUX.1-dev needs HF_TOKEN)")
+    p.add_argument("--ray", default=None, metavar="auto|ADDRESS",
+                   help='draw the panels on a Ray cluster (pip install "ray>=2.50"): auto joins the cluster '
+                        "RAY_ADDRESS or `ray start` names, else starts one here; or give the head's address")
+    p.add_argument("--ray-actors", type=int, default=None,
+                   help="Ray actors, each holding the models once (default: one per GPU of the cluster; without "
+                        "GPUs one per machine)")
+
+
+def _read_panels(path: Path) -> str:
+    if not path.is_file():
+        raise InputError(f"{path}: {'a folder' if path.is_dir() else 'not found'}; give a text file with one panel "
+                         "prompt per line.")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise InputError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}): save it as UTF-8.") from err
+
+
+def cmd_storyboard(args) -> int:
+    import torch
+
+    from .files.character_file import load_character
+    from .files.encoders import load_reference_encoders
+    from .files.storyboard_folder import BoardFolder
+    from .reference.images import tensor_to_pil
+    from .run.pipeline import GenerationSettings, MemorySettings
+    from .run.storyboard import (Board, BoardModels, board_identity, check_prompt_lengths, contact_sheet,
+                                 panel_prompts, render_panel, score_references)
+
+    # everything the user typed is checked before any model is looked for, downloaded or loaded
+    prompts = panel_prompts(_read_panels(args.panels), args.style)
+    settings = GenerationSettings("", width=args.width, height=args.height, steps=args.steps, guidance=args.guidance,
+                                  subject_scale=args.subject_scale)
+    board = Board(prompts, args.candidates, args.seed, settings, MemorySettings(args.offload, args.vram_budget,
+                                                                                 args.fp8))
+    board.check()
+    output = args.output_dir or Path("output") / args.panels.stem
+    if output.exists() and not output.is_dir():
+        raise InputError(f"--output-dir {output} is a file, not a folder: give a folder for the storyboard.")
+    if args.ray is not None:
+        from .run.storyboard_ray import require_ray
+
+        require_ray()
+    features = None
+    if args.character is not None:
+        features = load_character(character_file(args.models_dir or default_models_dir(), args.character))
+        score_references(features)  # it must keep its prepared pictures, for the score
+    else:
+        images = [_open_reference(p) for p in (args.reference or [BUNDLED_REFERENCE])]
+    paths = args.paths if hasattr(args, "paths") else _paths(args, ("flux", "siglip", "dinov2", "adapter"))
+    from transformers import AutoTokenizer
+
+    check_prompt_lengths(AutoTokenizer.from_pretrained(paths["flux"] / "tokenizer_2"), prompts,
+                         settings.max_sequence_length)
+    dtype = _dtype(args.dtype)
+    encoders = None
+    if features is None:
+        encoders = load_reference_encoders(paths["siglip"], paths["dinov2"], dtype=dtype)
+        features = encoders.encode(images, fit=args.fit)
+    models_used = {name: Path(path).name for name, path in paths.items()} | {"dtype": args.dtype}
+    folder = BoardFolder(output, board_identity(board, features, models_used), prompts)
+    done = folder.open()
+    for number, why in folder.dropped:
+        print(f"panel {number}: drawing it again ({why})")
+    todo = [n for n in range(1, board.panels + 1) if n not in done]
+    if done:
+        print(f"{len(done)} of {board.panels} panels already done in {output}; {len(todo)} to draw")
+    try:
+        for result in _draw_panels(args, board, features, encoders, paths, dtype, todo):
+            line = folder.add_panel(result.record(), tensor_to_pil(result.image))
+            print(f"{result.summary()} → {output / line['file']}", flush=True)
+    except KeyboardInterrupt:
+        print(f"\nstopped: {len(folder.done)} of {board.panels} panels done in {output}; run the same command again "
+              "to draw the rest", file=sys.stderr)
+        return 130
+    sheet = folder.write_contact_sheet(contact_sheet(folder.panel_pictures(), prompts))
+    print(f"wrote {board.panels} panels, {sheet} and {folder.manifest}")
+    return 0
+
+
+def _draw_panels(args, board, features, encoders, paths, dtype, todo):
+    """The panels ``todo``, drawn here (models loaded once) or on Ray, in panel order."""
+    if not todo:
+        return
+    if args.ray is not None:
+        from .run.storyboard_ray import BoardJob, panels_on_ray
+
+        def ready(actors):
+            for i, where in enumerate(actors, 1):
+                print(f"ray actor {i}: {where['host']} pid {where['pid']}, {where['device']}"
+                      + (f", {where['threads']} threads" if where["device"] == "cpu" else ""), flush=True)
+
+        job = BoardJob({k: str(v) for k, v in paths.items()}, args.dtype, board, features.to("cpu"))
+        yield from panels_on_ray(job, todo, args.ray, args.ray_actors, on_ready=ready)
+        return
+    import time
+
+    from .run.storyboard import BoardModels, render_panel, score_references
+    from .files.adapter_file import load_adapter
+    from .files.encoders import load_reference_encoders
+    from .files.flux import load_flux
+
+    started = time.perf_counter()
+    if encoders is None:
+        encoders = load_reference_encoders(paths["siglip"], paths["dinov2"], dtype=dtype)
+    models = BoardModels(load_flux(paths["flux"], dtype=dtype), load_adapter(paths["adapter"], dtype=dtype), encoders)
+    print(f"models loaded in {time.perf_counter() - started:.1f} s", flush=True)
+    references = score_references(features)
+    interactive = sys.stdout.isatty()
+    for number in todo:
+        def progress(done, total, number=number):
+            if interactive:
+                print(f"\rpanel {number}/{board.panels}: step {done}/{total}", end="", flush=True)
+
+        panel = render_panel(models, board, features, number, step_callback=progress, references=references)
+        if interactive:
+            print("\r", end="")
+        yield panel
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m instantcharacter", description=__doc__)
     models_help = "ComfyUI models folder (default: COMFYUI_MODELS_DIR, the ComfyUI this pack is in, or ./models)"
@@ -208,16 +359,20 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--download", action="store_true", help="download missing models (FLUX.1-dev needs HF_TOKEN)")
     doc = sub.add_parser("doctor", help="check the machine and the model files")
     doc.add_argument("--selftest", action="store_true", help="run a tiny random end-to-end generation")
-    for command in (gen, doc):  # accepted after the command too; SUPPRESS keeps a value given before it
+    story = sub.add_parser("storyboard", help="one character through the panels of a text file, the best of k each")
+    _add_storyboard_args(story)
+    for command in (gen, doc, story):  # accepted after the command too; SUPPRESS keeps a value given before it
         command.add_argument("--models-dir", type=Path, default=argparse.SUPPRESS, help=models_help)
     args = parser.parse_args(argv)
-    if args.command == "generate" and args.character is not None and args.reference:
+    drawing = args.command in ("generate", "storyboard")
+    if drawing and args.character is not None and args.reference:
         parser.error("--character and --reference both give the character: use one")
-    if args.command == "generate" and args.offload == "budget" and args.vram_budget is None:
+    if drawing and args.offload == "budget" and args.vram_budget is None:
         parser.error("--offload budget needs --vram-budget GiB (the VRAM the run may use)")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    commands = {"generate": cmd_generate, "doctor": cmd_doctor, "storyboard": cmd_storyboard}
     try:
-        return cmd_generate(args) if args.command == "generate" else cmd_doctor(args)
+        return commands[args.command](args)
     except InstantCharacterError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
