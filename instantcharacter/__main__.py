@@ -9,6 +9,8 @@ here or on a Ray cluster.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import logging
 import sys
 import tempfile
@@ -208,7 +210,8 @@ def _add_storyboard_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--candidates", type=int, default=4,
                    help="pictures drawn per panel; the one most like the character is kept (default 4)")
     p.add_argument("--reference", type=Path, action="append",
-                   help=f"reference picture of the character (repeat for several views); default {BUNDLED_REFERENCE.name}")
+                   help=f"reference picture of the character (repeat for several views); default "
+                        f"{BUNDLED_REFERENCE.name}")
     p.add_argument("--character", type=Path, default=None,
                    help=f"a saved character file instead of --reference (a path, or a name in the models folder's "
                         f"{CHARACTERS_SUBDIR.as_posix()})")
@@ -248,22 +251,21 @@ def _read_panels(path: Path) -> str:
 
 
 def cmd_storyboard(args) -> int:
-    import torch
-
     from .files.character_file import load_character
     from .files.encoders import load_reference_encoders
     from .files.storyboard_folder import BoardFolder
     from .reference.images import tensor_to_pil
+    from .run.memory import default_device
     from .run.pipeline import GenerationSettings, MemorySettings
-    from .run.storyboard import (Board, BoardModels, board_identity, check_prompt_lengths, contact_sheet,
-                                 panel_prompts, render_panel, score_references)
+    from .run.storyboard import (Board, board_identity, check_prompt_lengths, contact_sheet, encoders_on,
+                                 panel_prompts, score_references)
 
     # everything the user typed is checked before any model is looked for, downloaded or loaded
     prompts = panel_prompts(_read_panels(args.panels), args.style)
     settings = GenerationSettings("", width=args.width, height=args.height, steps=args.steps, guidance=args.guidance,
                                   subject_scale=args.subject_scale)
-    board = Board(prompts, args.candidates, args.seed, settings, MemorySettings(args.offload, args.vram_budget,
-                                                                                 args.fp8))
+    memory = MemorySettings(args.offload, args.vram_budget, args.fp8)
+    board = Board(prompts, args.candidates, args.seed, settings, memory)
     board.check()
     output = args.output_dir or Path("output") / args.panels.stem
     if output.exists() and not output.is_dir():
@@ -272,12 +274,13 @@ def cmd_storyboard(args) -> int:
         from .run.storyboard_ray import require_ray
 
         require_ray()
-    features = None
     if args.character is not None:
-        features = load_character(character_file(args.models_dir or default_models_dir(), args.character))
+        given = [character_file(args.models_dir or default_models_dir(), args.character)]
+        features = load_character(given[0])
         score_references(features)  # it must keep its prepared pictures, for the score
     else:
-        images = [_open_reference(p) for p in (args.reference or [BUNDLED_REFERENCE])]
+        given = args.reference or [BUNDLED_REFERENCE]
+        images = [_open_reference(p) for p in given]
     paths = args.paths if hasattr(args, "paths") else _paths(args, ("flux", "siglip", "dinov2", "adapter"))
     from transformers import AutoTokenizer
 
@@ -285,11 +288,17 @@ def cmd_storyboard(args) -> int:
                          settings.max_sequence_length)
     dtype = _dtype(args.dtype)
     encoders = None
-    if features is None:
+    if args.character is None:
         encoders = load_reference_encoders(paths["siglip"], paths["dinov2"], dtype=dtype)
-        features = encoders.encode(images, fit=args.fit)
+        with encoders_on(encoders, default_device()):
+            features = encoders.encode(images, fit=args.fit).to("cpu")
+        if args.ray is not None:
+            encoders = None  # the actors load their own
+    # the board's identity: what the user gave (file checksums), the settings and the models
+    character_key = [hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in given]
+    character_key.append("character file" if args.character is not None else f"fit {args.fit}")
     models_used = {name: Path(path).name for name, path in paths.items()} | {"dtype": args.dtype}
-    folder = BoardFolder(output, board_identity(board, features, models_used), prompts)
+    folder = BoardFolder(output, board_identity(board, json.dumps(character_key), models_used), prompts)
     done = folder.open()
     for number, why in folder.dropped:
         print(f"panel {number}: drawing it again ({why})")
@@ -299,11 +308,13 @@ def cmd_storyboard(args) -> int:
     try:
         for result in _draw_panels(args, board, features, encoders, paths, dtype, todo):
             line = folder.add_panel(result.record(), tensor_to_pil(result.image))
-            print(f"{result.summary()} → {output / line['file']}", flush=True)
+            drawn_by = f" (drawn by {result.made_by})" if args.ray is not None else ""
+            print(f"{result.summary()} → {output / line['file']}{drawn_by}", flush=True)
     except KeyboardInterrupt:
         print(f"\nstopped: {len(folder.done)} of {board.panels} panels done in {output}; run the same command again "
               "to draw the rest", file=sys.stderr)
         return 130
+    folder.sort_manifest()
     sheet = folder.write_contact_sheet(contact_sheet(folder.panel_pictures(), prompts))
     print(f"wrote {board.panels} panels, {sheet} and {folder.manifest}")
     return 0
@@ -321,10 +332,9 @@ def _draw_panels(args, board, features, encoders, paths, dtype, todo):
                 print(f"ray actor {i}: {where['host']} pid {where['pid']}, {where['device']}"
                       + (f", {where['threads']} threads" if where["device"] == "cpu" else ""), flush=True)
 
-        job = BoardJob({k: str(v) for k, v in paths.items()}, args.dtype, board, features.to("cpu"))
+        job = BoardJob({k: str(v) for k, v in paths.items()}, args.dtype, board, features)
         yield from panels_on_ray(job, todo, args.ray, args.ray_actors, on_ready=ready)
         return
-    import time
 
     from .run.storyboard import BoardModels, render_panel, score_references
     from .files.adapter_file import load_adapter

@@ -86,10 +86,15 @@ class BoardFolder:
                 self.dropped.append((number, why))
             elif number not in self.done:
                 self.done[number] = record
-        kept = [self.done[n] for n in sorted(self.done)]
-        if len(kept) != len(records):
-            self._write_atomic(MANIFEST, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept).encode())
+        if len(self.done) != len(records):
+            self.sort_manifest()
         return dict(self.done)
+
+    def sort_manifest(self) -> None:
+        """Rewrite the manifest with one line per done panel, in panel order (panels drawn again after a resume
+        were appended at its end)."""
+        kept = [self.done[n] for n in sorted(self.done)]
+        self._write_atomic(MANIFEST, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept).encode())
 
     @staticmethod
     def _parse(line: str) -> dict | None:

@@ -291,16 +291,14 @@ def storyboard(models: BoardModels, board: Board, character, *, step_callback: C
     return StoryboardResult(panels)
 
 
-def board_identity(board: Board, character, models: dict | None = None) -> str:
+def board_identity(board: Board, character: str, models: dict | None = None) -> str:
     """A short fingerprint of everything that makes a board's pictures (not its prompts, which each panel keeps):
-    the settings, the seed, the candidates, the character's features and the ``models`` named by the caller."""
-    features = plain_features(character, "Storyboard")
-    digest = hashlib.sha256()
-    for tensor in features.tensors():
-        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    the settings, the seed, the candidates, the ``character`` (a key the caller makes from what the user gave: a
+    file's or the reference pictures' checksums, never the computed features, whose last bits follow the machine)
+    and the ``models`` the caller names."""
     settings = dataclasses.asdict(dataclasses.replace(board.settings, prompt="", seed=0, batch_size=1))
     what = {"candidates": board.candidates, "seed": board.seed, "settings": settings,
-            "fp8": board.memory.fp8_storage, "character": digest.hexdigest(), "models": models or {}}
+            "fp8": board.memory.fp8_storage, "character": character, "models": models or {}}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -12,6 +12,7 @@ must be at the same paths on every machine (a shared models folder).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from ..errors import InputError, InstantCharacterError
-from .storyboard import Board, BoardModels, PanelResult, render_panel, score_references
+from .storyboard import Board, BoardModels, PanelResult, render_panel
 
 RETRIES = 3  # restarts of a lost actor, and retries of the panel it was drawing
 INSTALL_HINT = 'pip install "ray>=2.50"'
@@ -41,6 +42,7 @@ class PanelActor:
     """Holds the models of one board on one GPU (or a share of one machine's cores) and draws panels."""
 
     def __init__(self, job: BoardJob, threads: int | None = None):
+        """``job`` without its character, which comes with each panel (see :func:`panels_on_ray`)."""
         import torch
 
         if threads:
@@ -48,7 +50,6 @@ class PanelActor:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[job.dtype]
         self.job = job
         self.models = BoardModels.load({k: Path(v) for k, v in job.paths.items()}, dtype)
-        self.references = score_references(job.character)
 
     def where(self) -> dict:
         import torch
@@ -56,8 +57,8 @@ class PanelActor:
         device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
         return {"host": platform.node(), "pid": os.getpid(), "device": device, "threads": torch.get_num_threads()}
 
-    def render(self, number: int) -> PanelResult:
-        return render_panel(self.models, self.job.board, self.job.character, number, references=self.references)
+    def render(self, number: int, character) -> PanelResult:
+        return render_panel(self.models, self.job.board, character, number)
 
 
 def require_ray():
@@ -132,15 +133,18 @@ def panels_on_ray(job: BoardJob, numbers: Iterable[int], address: str = "auto", 
     try:
         count, options, threads = actor_options(actors)
         remote = ray.remote(PanelActor).options(max_restarts=RETRIES, max_task_retries=RETRIES, **options)
-        job_ref = ray.put(job)
-        handles = [remote.remote(job_ref, threads) for _ in range(min(count, len(numbers)))]
+        # The character (megabytes) goes to the object store once and comes with every panel: as an argument of the
+        # actors' constructor, Ray could not restart a lost actor once that object were gone.
+        character = ray.put(job.character)
+        light = dataclasses.replace(job, character=None)
+        handles = [remote.remote(light, threads) for _ in range(min(count, len(numbers)))]
         where = ray.get([h.where.remote() for h in handles])
         if on_ready is not None:
             on_ready(where)
         finished: dict[int, PanelResult] = {}
         waiting = iter(numbers)
         next_number = next(waiting)
-        for result in ActorPool(handles).map_unordered(lambda actor, n: actor.render.remote(n), numbers):
+        for result in ActorPool(handles).map_unordered(lambda actor, n: actor.render.remote(n, character), numbers):
             finished[result.number] = result
             while next_number in finished:
                 yield finished.pop(next_number)
