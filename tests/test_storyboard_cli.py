@@ -5,6 +5,7 @@ uninterrupted run; clear errors before any model loads."""
 import importlib.util
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -143,3 +144,26 @@ def test_ray_without_ray_says_how_to_install_it(tmp_path, capsys):
     assert main(["--models-dir", str(tmp_path), "storyboard", str(story), "--ray", "auto"]) == 2
     err = capsys.readouterr().err
     assert 'pip install "ray>=2.50"' in err and "Models not found" not in err
+
+
+def test_the_readme_story_and_command_make_numbered_panels_a_sheet_and_a_manifest(tiny_models, tmp_path, monkeypatch,
+                                                                                 capsys):
+    """The README's story.txt and storyboard line as written (the models folder from COMFYUI_MODELS_DIR), with only
+    the size, steps and candidates made small for the CPU: the last value of an option counts."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Storyboards", 1)[1]
+    story = section.split("```text\n", 1)[1].split("```", 1)[0]
+    command = next(line for line in section.splitlines() if line.startswith("python -m instantcharacter storyboard"))
+    args = shlex.split(command.split("python -m instantcharacter", 1)[1])
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("COMFYUI_MODELS_DIR", str(tiny_models["flux"].parents[1]))
+    (tmp_path / "story.txt").write_text(story)
+    assert main([*args, "--width", "32", "--height", "32", "--steps", "1", "--candidates", "2", "--dtype",
+                 "fp32"]) == 0
+    out = tmp_path / "output" / "story"
+    lines = _manifest(out)
+    assert [line["panel"] for line in lines] == [1, 2, 3, 4]
+    assert lines[1]["prompt"] == "the girl rides her bicycle through a busy market street, storybook illustration, " \
+                                 "soft watercolour"
+    assert all((out / f"panel_00{n}.png").is_file() for n in (1, 2, 3, 4)) and (out / "contact_sheet.png").is_file()
+    assert f"wrote 4 panels, {Path('output') / 'story' / 'contact_sheet.png'}" in capsys.readouterr().out

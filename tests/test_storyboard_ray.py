@@ -167,4 +167,4 @@ def test_more_actors_than_the_cluster_holds_is_refused(cluster):
     with pytest.raises(InputError, match="has 2 CPU core"):
         actor_options(3)
     assert actor_options(None)[0] == 1  # one machine, no GPU: one actor with both cores
-    assert actor_options(2) == (2, {"num_cpus": 1}, 1)
+    assert actor_options(2) == (2, {"num_cpus": 1, "scheduling_strategy": "SPREAD"}, 1)

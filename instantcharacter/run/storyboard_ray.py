@@ -98,14 +98,16 @@ def actor_options(requested: int | None) -> tuple[int, dict, int | None]:
         if count > gpus:
             raise InputError(f"The Ray cluster has {gpus} GPU(s); {count} actors of one GPU each would wait forever. "
                              f"Use --ray-actors {gpus} or fewer.")
-        return count, {"num_gpus": 1}, None
-    machines = sum(1 for node in ray.nodes() if node.get("Alive"))
-    count = requested or max(1, machines)
+        return count, {"num_gpus": 1, "scheduling_strategy": "SPREAD"}, None
+    machines = sorted((int(node.get("Resources", {}).get("CPU", 0)) for node in ray.nodes() if node.get("Alive")),
+                      reverse=True)
+    count = requested or max(1, len(machines))
     if count > cpus:
         raise InputError(f"The Ray cluster has {cpus} CPU core(s) and no GPU; {count} actors need one core each at "
                          f"least. Use --ray-actors {cpus} or fewer.")
-    share = max(1, cpus // count)
-    return count, {"num_cpus": share}, share
+    # an equal share of the cores, never more than the machines that will hold the actors have
+    share = max(1, min(cpus // count, min(machines[:count]) if count <= len(machines) else machines[0]))
+    return count, {"num_cpus": share, "scheduling_strategy": "SPREAD"}, share
 
 
 def _ray_errors(ray, err: Exception) -> Exception:

@@ -5,6 +5,7 @@ execution (Storyboard Panels → CLIP Text Encode and KSampler once per panel �
 panel's batch → Contact Sheet) on the full-width skeleton files."""
 
 import copy
+import re
 import shutil
 import time
 from pathlib import Path
@@ -136,6 +137,10 @@ def test_the_native_storyboard_keeps_the_best_of_each_panel_and_lays_them_out(na
         x = 4 + index * (SIZE + 4)
         assert np.abs(sheet[4:4 + SIZE, x:x + SIZE] - np.asarray(panel, dtype=np.int16)).max() <= 1
     reports = entry["outputs"][_node(prompt, "PreviewAny")]["text"]
-    assert len(reports) == 2 and all(r.count("image ") == CANDIDATES and "best: image" in r for r in reports)
+    assert len(reports) == 2  # one Consistency Score run per panel, over that panel's batch of candidates
+    for report in reports:
+        means = [float(m) for m in re.findall(r"^image \d+: .*mean ([0-9.]+)$", report, re.M)]
+        assert len(means) == CANDIDATES, report
+        assert f"best: image {int(np.argmax(means))}" in report
     panels_id = _node(prompt, "InstantCharacterStoryboardPanels")
     assert prompt[_node(prompt, "KSampler")]["inputs"]["seed"] == [panels_id, 1]  # one seed per panel
