@@ -265,3 +265,15 @@ def test_contact_sheet_node_lays_out_a_list_of_pictures(drawn):
     for laid_out, columns in ((sheet, 2), (row, 3)):
         cells = _cells(tensor_to_pil(laid_out[0]), 3, columns, 32)
         assert all(np.array_equal(cell, picture) for cell, picture in zip(cells, pictures))
+
+
+def test_ray_is_never_imported_until_a_board_runs_on_it():
+    """Ray is optional: the pack, its nodes' core and the storyboard's Ray module import without it."""
+    import subprocess
+    import sys
+
+    probe = ("import sys; import instantcharacter.run.storyboard_ray, instantcharacter.__main__; "
+             "print('ray' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr[-2000:]
