@@ -30,7 +30,7 @@ from ..errors import InputError
 from ..reference.consistency import ConsistencyScores, consistency_scores
 from ..reference.images import FIT_MODES, tensor_to_pil
 from .memory import default_device
-from .pipeline import GenerationSettings, MemorySettings, generate
+from .pipeline import MAX_SEED, GenerationSettings, MemorySettings, generate
 from .regions import plain_features
 
 MAX_CANDIDATES = 16
@@ -115,8 +115,8 @@ class Board:
             raise InputError(f"candidates must be between 1 and {MAX_CANDIDATES}, got {self.candidates}.")
         dataclasses.replace(self.settings, prompt="", batch_size=1).check()
         self.memory.check()
-        if not 0 <= self.seed < 2**64:
-            raise InputError(f"seed must be between 0 and 2^64 - 1, got {self.seed}.")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise InputError(f"seed must be between 0 and {MAX_SEED} (2^64 - 1), got {self.seed}.")
 
 
 def check_prompt_lengths(tokenizer, prompts: Sequence[str], limit: int) -> None:

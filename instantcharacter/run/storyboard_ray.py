@@ -52,9 +52,11 @@ class PanelActor:
         self.models = BoardModels.load({k: Path(v) for k, v in job.paths.items()}, dtype)
 
     def where(self) -> dict:
+        import ray
         import torch
 
-        device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+        gpus = ", ".join(str(g) for g in ray.get_gpu_ids())
+        device = f"cuda (GPU {gpus})" if torch.cuda.is_available() else "cpu"
         return {"host": platform.node(), "pid": os.getpid(), "device": device, "threads": torch.get_num_threads()}
 
     def render(self, number: int, character) -> PanelResult:
