@@ -329,8 +329,9 @@ def _draw_panels(args, board, features, encoders, paths, dtype, todo):
 
         def ready(actors):
             for i, where in enumerate(actors, 1):
-                print(f"ray actor {i}: {where['host']} pid {where['pid']}, {where['device']}"
-                      + (f", {where['threads']} threads" if where["device"] == "cpu" else ""), flush=True)
+                threads = where["threads"]
+                cores = f", {threads} thread" + "s" * (threads != 1) if where["device"] == "cpu" else ""
+                print(f"ray actor {i}: {where['host']} pid {where['pid']}, {where['device']}{cores}", flush=True)
 
         job = BoardJob({k: str(v) for k, v in paths.items()}, args.dtype, board, features)
         yield from panels_on_ray(job, todo, args.ray, args.ray_actors, on_ready=ready)

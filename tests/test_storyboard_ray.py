@@ -27,7 +27,7 @@ from instantcharacter.run.storyboard_ray import PACKAGE, actor_options  # noqa: 
 
 STORY = "the girl wakes up\nthe girl rides a bike\nthe girl reads a book\nthe girl waves goodbye\n"
 FAST = ["--candidates", "2", "--width", "32", "--height", "32", "--steps", "2", "--dtype", "fp32", "--seed", "5"]
-ACTOR_LINE = re.compile(r"ray actor (\d+): \S+ pid (\d+), cpu, 1 threads")
+ACTOR_LINE = re.compile(r"ray actor (\d+): \S+ pid (\d+), cpu, 1 thread$", re.M)
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,8 @@
 """Storyboards in a real ComfyUI (``COMFYUI_DIR``): the shipped pipeline workflow (InstantCharacter Storyboard) saves
 the chosen panels, the contact sheet and the report, with the progress bar and live previews counting panels ×
 candidates × steps; bad panel text is refused by name; the shipped native workflow runs through ComfyUI's list
-execution (Storyboard Panels → CLIP Text Encode and KSampler once per panel → Consistency Score keeps the best of each
-panel's batch → Contact Sheet) on the full-width skeleton files."""
+execution (Storyboard Panels → CLIP Text Encode and KSampler once per panel → Consistency Score keeps the best of
+each panel's batch → Contact Sheet) on the full-width skeleton files."""
 
 import copy
 import re
@@ -60,13 +60,14 @@ def _board(object_info, **inputs):
 @pytest.fixture(scope="module")
 def board_run(previewing_server, object_info):
     prompt = _board(object_info)
+    started = time.time()
     entry, messages = previewing_server.run_watched(prompt)
     assert entry["status"]["status_str"] == "success", error_message(entry) + "\n" + previewing_server.log_tail()
-    return prompt, entry, messages
+    return prompt, entry, messages, time.time() - started
 
 
 def test_the_storyboard_workflow_saves_the_panels_the_contact_sheet_and_the_report(board_run, previewing_server):
-    prompt, entry, _ = board_run
+    prompt, entry, _, _ = board_run
     saves = sorted((k for k, n in prompt.items() if n["class_type"] == "SaveImage"),
                    key=lambda k: prompt[k]["inputs"]["images"][1])  # fed by output 0 (panels), then 1 (sheet)
     panels, sheets = (_images(previewing_server, entry, k) for k in saves)
@@ -83,11 +84,39 @@ def test_the_storyboard_workflow_saves_the_panels_the_contact_sheet_and_the_repo
 
 
 def test_the_progress_bar_and_live_previews_count_panels_candidates_and_steps(board_run):
-    prompt, _, messages = board_run
+    prompt, _, messages, _ = board_run
     total = 3 * CANDIDATES * STEPS
     steps = _progress(messages, _node(prompt, "InstantCharacterStoryboard"))
     assert steps[-1] == (total, total) and [value for value, _ in steps] == list(range(1, total + 1))
     assert len(_previews(messages)) == total
+
+
+def test_cancel_stops_the_board_and_the_server_draws_the_next_one(board_run, previewing_server, object_info):
+    whole_board = board_run[3]  # the yardstick, measured in this run: 3 panels × 2 candidates × 2 steps
+    server = previewing_server
+    prompt_id = server.post_prompt(_board(object_info, panels="\n".join(f"scene {n}" for n in range(100)),
+                                          candidates=16, steps=200, seed=99))  # hours if nothing stopped it
+    deadline = time.time() + 300
+    while time.time() < deadline and not any(item[1] == prompt_id for item in server.get("/queue")["queue_running"]):
+        time.sleep(0.2)
+    time.sleep(3)  # inside the first panel's steps by now
+    pressed = time.time()
+    server.post("/interrupt", {})
+    while time.time() < deadline:
+        entry = server.get(f"/history/{prompt_id}").get(prompt_id)
+        if entry and entry.get("status", {}).get("completed") is not None:
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError("the interrupted board never finished:\n" + server.log_tail())
+    stopped_after = time.time() - pressed
+    print(f"\n[storyboard] Cancel: stopped {stopped_after:.1f} s after the press; the whole 12-step board took "
+          f"{whole_board:.1f} s")
+    kinds = [kind for kind, _ in entry["status"]["messages"]]
+    assert "execution_interrupted" in kinds and "execution_success" not in kinds, kinds
+    assert stopped_after < whole_board, f"Cancel took {stopped_after:.1f} s; a whole 12-step board {whole_board:.1f} s"
+    again = server.run(_board(object_info, seed=5))
+    assert again["status"]["status_str"] == "success", error_message(again)
 
 
 @pytest.mark.parametrize("panels, message", [
