@@ -281,19 +281,12 @@ def cmd_storyboard(args) -> int:
     else:
         given = args.reference or [BUNDLED_REFERENCE]
         images = [_open_reference(p) for p in given]
+        features = None  # encoded below, if a panel is left to draw
     paths = args.paths if hasattr(args, "paths") else _paths(args, ("flux", "siglip", "dinov2", "adapter"))
     from transformers import AutoTokenizer
 
     check_prompt_lengths(AutoTokenizer.from_pretrained(paths["flux"] / "tokenizer_2"), prompts,
                          settings.max_sequence_length)
-    dtype = _dtype(args.dtype)
-    encoders = None
-    if args.character is None:
-        encoders = load_reference_encoders(paths["siglip"], paths["dinov2"], dtype=dtype)
-        with encoders_on(encoders, default_device()):
-            features = encoders.encode(images, fit=args.fit).to("cpu")
-        if args.ray is not None:
-            encoders = None  # the actors load their own
     # the board's identity: what the user gave (file checksums), the settings and the models
     character_key = [hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in given]
     character_key.append("character file" if args.character is not None else f"fit {args.fit}")
@@ -305,6 +298,14 @@ def cmd_storyboard(args) -> int:
     todo = [n for n in range(1, board.panels + 1) if n not in done]
     if done:
         print(f"{len(done)} of {board.panels} panels already done in {output}; {len(todo)} to draw")
+    dtype = _dtype(args.dtype)
+    encoders = None
+    if args.character is None and todo:
+        encoders = load_reference_encoders(paths["siglip"], paths["dinov2"], dtype=dtype)
+        with encoders_on(encoders, default_device()):
+            features = encoders.encode(images, fit=args.fit).to("cpu")
+        if args.ray is not None:
+            encoders = None  # the actors load their own
     try:
         for result in _draw_panels(args, board, features, encoders, paths, dtype, todo):
             line = folder.add_panel(result.record(), tensor_to_pil(result.image))

@@ -49,7 +49,7 @@ def uninterrupted(tiny_models, story, tmp_path_factory):
     return out
 
 
-def test_the_board_writes_numbered_panels_a_contact_sheet_and_a_manifest(uninterrupted):
+def test_the_board_writes_numbered_panels_a_contact_sheet_and_a_manifest(uninterrupted, tiny_models, story, capsys):
     lines = _manifest(uninterrupted)
     assert [line["panel"] for line in lines] == [1, 2, 3, 4]
     assert [line["file"] for line in lines] == [f"panel_00{n}.png" for n in (1, 2, 3, 4)]
@@ -58,6 +58,13 @@ def test_the_board_writes_numbered_panels_a_contact_sheet_and_a_manifest(uninter
     assert all(_pixels(uninterrupted / line["file"]).shape == (32, 32, 3) for line in lines)
     sheet = Image.open(uninterrupted / "contact_sheet.png")
     assert sheet.size == (2 * (32 + 4) + 4, 2 * (32 + 14 + 4) + 4)
+    # run again: nothing left to draw, no model loaded, nothing changed
+    before = {p.name: p.read_bytes() for p in uninterrupted.iterdir()}
+    capsys.readouterr()
+    assert main(_args(tiny_models["flux"].parents[1], story, uninterrupted)) == 0
+    said = capsys.readouterr().out
+    assert "4 of 4 panels already done" in said and "models loaded" not in said and "scores" not in said
+    assert {p.name: p.read_bytes() for p in uninterrupted.iterdir()} == before
 
 
 def test_a_run_killed_after_two_panels_finishes_when_run_again(tiny_models, story, uninterrupted, tmp_path, capsys):
