@@ -9,6 +9,7 @@ here or on a Ray cluster.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
@@ -32,31 +33,53 @@ def _dtype(name: str):
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows each option's default after its help, where it has one worth showing."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "%(default)" in text or "default" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reference", type=Path, action="append",
-                   help=f"reference picture of the character (repeat for several views); default {BUNDLED_REFERENCE.name}")
+                   help=f"reference picture of the character (repeat for several views); default: the bundled "
+                        f"assets/{BUNDLED_REFERENCE.name}")
     p.add_argument("--character", type=Path, default=None,
                    help=f"a saved character file instead of --reference (a path, or a name in the models folder's "
                         f"{CHARACTERS_SUBDIR.as_posix()}); the image encoders are then not needed")
     p.add_argument("--save-character", type=Path, default=None,
                    help="also save the character as this .safetensors file (for --character or Load Character)")
-    p.add_argument("--prompt", default="a character standing in a sunlit forest, detailed illustration")
-    p.add_argument("--negative-prompt", default=None)
-    p.add_argument("--true-cfg", type=float, default=1.0, help="> 1 with a negative prompt runs true CFG")
-    p.add_argument("--width", type=int, default=1024)
-    p.add_argument("--height", type=int, default=1024)
-    p.add_argument("--steps", type=int, default=28)
-    p.add_argument("--guidance", type=float, default=3.5)
-    p.add_argument("--seed", type=int, default=123456)
-    p.add_argument("--subject-scale", type=float, default=0.9)
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--fit", choices=("stretch", "pad", "crop"), default="stretch")
+    p.add_argument("--overwrite", action="store_true",
+                   help="let --save-character replace an existing character file (never any other file)")
+    p.add_argument("--prompt", default="a character standing in a sunlit forest, detailed illustration",
+                   help="what to show the character doing, and where")
+    p.add_argument("--negative-prompt", default=None,
+                   help="what to keep out of the picture (used with --true-cfg above 1); default: none")
+    p.add_argument("--true-cfg", type=float, default=1.0,
+                   help="true CFG scale: above 1 with --negative-prompt runs a second, negative pass per step")
+    p.add_argument("--width", type=int, default=1024, help="picture width in pixels, a multiple of 16")
+    p.add_argument("--height", type=int, default=1024, help="picture height in pixels, a multiple of 16")
+    p.add_argument("--steps", type=int, default=28, help="denoising steps")
+    p.add_argument("--guidance", type=float, default=3.5, help="FLUX.1-dev's distilled guidance")
+    p.add_argument("--seed", type=int, default=123456, help="noise seed: the same seed gives the same picture")
+    p.add_argument("--subject-scale", type=float, default=0.9, help="how strongly the character acts")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="pictures per run (their noise drawn together from --seed)")
+    p.add_argument("--fit", choices=("stretch", "pad", "crop"), default="stretch",
+                   help="how a non-square reference becomes square: stretch (as the official code), pad with "
+                        "white, or crop the middle")
     p.add_argument("--offload", choices=("auto", "off", "budget", "sequential"), default="auto",
-                   help="auto picks from the free VRAM (what `doctor` reports)")
-    p.add_argument("--vram-budget", type=float, default=None, help="GiB (what nvidia-smi calls GB) for --offload budget")
-    p.add_argument("--fp8", action="store_true", help="store transformer weights as fp8 (compute in bf16)")
-    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
-    p.add_argument("--output-dir", type=Path, default=Path("output"))
+                   help="where the models stay during the run; auto picks from the free VRAM (what `doctor` "
+                        "reports)")
+    p.add_argument("--vram-budget", type=float, default=None,
+                   help="GiB (what nvidia-smi calls GB) the run may use with --offload budget; needed there")
+    p.add_argument("--fp8", action="store_true",
+                   help="store the transformer weights as fp8 (compute in bf16): half the memory to hold or stream")
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="weight and compute dtype")
+    p.add_argument("--output-dir", type=Path, default=Path("output"), help="where the pictures are written")
 
 
 def _paths(args, needed: tuple[str, ...]) -> dict[str, Path]:
@@ -65,10 +88,10 @@ def _paths(args, needed: tuple[str, ...]) -> dict[str, Path]:
     found = {name: loc for name, loc in locate_all(models_dir).items() if name in needed}
     missing = [loc for loc in found.values() if not loc.present]
     if missing and args.download:
+        _check_before_download(missing, Path(models_dir))
         for loc in missing:
             print(f"downloading {loc.model.repo_id} ({loc.model.size}) into {loc.path} …", flush=True)
-            dest = loc.path.parent if loc.model is hub.ADAPTER else loc.path
-            hub.download(loc.model, dest)
+            hub.download(loc.model, loc.download_folder)
         found = {name: loc for name, loc in locate_all(models_dir).items() if name in needed}
         missing = [loc for loc in found.values() if not loc.present]
     if missing:
@@ -78,6 +101,16 @@ def _paths(args, needed: tuple[str, ...]) -> dict[str, Path]:
             "or put the files there by hand (see README, 'Model files')."
         )
     return {name: loc.path for name, loc in found.items()}
+
+
+def _check_before_download(missing, models_dir: Path) -> None:
+    """Say what the download needs and stop before the first byte if something is in the way."""
+    from .run.first_run import check_before_download, find_gpu
+
+    report = check_before_download(missing, models_dir, find_gpu())
+    print("before downloading:\n" + "\n".join(f"  {line}" for line in report.lines), flush=True)
+    if report.problems:
+        raise InstantCharacterError("nothing was downloaded:\n" + "\n".join(f"  - {p}" for p in report.problems))
 
 
 def _open_reference(path: Path):
@@ -99,7 +132,7 @@ def cmd_generate(args) -> int:
     from PIL import Image
 
     from .files.adapter_file import load_adapter
-    from .files.character_file import load_character, save_character
+    from .files.character_file import check_save_path, load_character, save_character
     from .files.encoders import load_reference_encoders
     from .files.flux import load_flux
     from .run.pipeline import GenerationSettings, MemorySettings, generate
@@ -113,9 +146,9 @@ def cmd_generate(args) -> int:
     memory.check()
     if args.output_dir.exists() and not args.output_dir.is_dir():
         raise InputError(f"--output-dir {args.output_dir} is a file, not a folder: give a folder for the pictures.")
-    if getattr(args, "save_character", None) is not None and args.save_character.suffix.lower() != ".safetensors":
-        raise InputError(f"--save-character {args.save_character}: a character file is a .safetensors file; give a "
-                         "name ending in .safetensors.")
+    save_to = getattr(args, "save_character", None)
+    if save_to is not None:  # a folder, a file in the way, no permission, an existing file: before any encoder runs
+        check_save_path(save_to, getattr(args, "overwrite", False))
     saved = getattr(args, "character", None)
     if saved is not None:
         features = load_character(character_file(args.models_dir or default_models_dir(), saved))
@@ -132,8 +165,8 @@ def cmd_generate(args) -> int:
         features = encoders.encode(images, fit=args.fit).to("cpu")
         encoders.to("cpu")
         del encoders
-    if getattr(args, "save_character", None) is not None:
-        print(f"wrote {save_character(features, args.save_character)}")
+    if save_to is not None:
+        print(f"wrote {save_character(features, save_to, overwrite=getattr(args, 'overwrite', False))}")
     adapter = load_adapter(paths["adapter"], dtype=dtype)
     flux = load_flux(paths["flux"], dtype=dtype)
     print(f"models loaded in {time.perf_counter() - started:.1f} s; offload={offload}, device={device}", flush=True)
@@ -157,17 +190,21 @@ def cmd_generate(args) -> int:
 
 
 def _selftest(args) -> int:
+    from .run.quiet import libraries_quiet
     from .testing.tiny import write_tiny_models
 
     print("selftest: tiny RANDOM models (not the real weights; the pictures are noise by design)")
     with tempfile.TemporaryDirectory() as tmp:
-        paths = write_tiny_models(Path(tmp) / "models")
-        ns = argparse.Namespace(paths=paths, reference=None, prompt="a test character", negative_prompt="blurry",
-                                true_cfg=1.5, width=64, height=64, steps=2, guidance=3.5, seed=1,
-                                subject_scale=0.9, batch_size=2, fit="pad", offload="auto", vram_budget=None,
-                                fp8=False, dtype="fp32",
-                                output_dir=Path(tmp) / "out")
-        cmd_generate(ns)
+        with contextlib.nullcontext() if args.verbose else libraries_quiet() as held:
+            paths = write_tiny_models(Path(tmp) / "models")
+            ns = argparse.Namespace(paths=paths, reference=None, prompt="a test character", negative_prompt="blurry",
+                                    true_cfg=1.5, width=64, height=64, steps=2, guidance=3.5, seed=1,
+                                    subject_scale=0.9, batch_size=2, fit="pad", offload="auto", vram_budget=None,
+                                    fp8=False, dtype="fp32",
+                                    output_dir=Path(tmp) / "out")
+            cmd_generate(ns)
+        if held is not None:
+            print(f"selftest: {held.summary()} (--verbose shows them)")
         written = sorted((Path(tmp) / "out").glob("*.png"))
         ok = len(written) == 2
         print(f"selftest {'passed' if ok else 'FAILED'}: {len(written)} images of 64×64 from the full code path")
@@ -206,32 +243,37 @@ def _add_storyboard_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("panels", type=Path, metavar="PANELS.txt",
                    help="one panel prompt per line (blank lines and lines starting with # are skipped)")
     p.add_argument("--style", default="", help="added to every panel: 'TEXT' after each line, or 'TEXT {panel} "
-                                              "TEXT' with the line in place of {panel}")
+                                              "TEXT' with the line in place of {panel}; default: none")
     p.add_argument("--candidates", type=int, default=4,
-                   help="pictures drawn per panel; the one most like the character is kept (default 4)")
+                   help="pictures drawn per panel; the one most like the character is kept")
     p.add_argument("--reference", type=Path, action="append",
-                   help=f"reference picture of the character (repeat for several views); default "
-                        f"{BUNDLED_REFERENCE.name}")
+                   help=f"reference picture of the character (repeat for several views); default: the bundled "
+                        f"assets/{BUNDLED_REFERENCE.name}")
     p.add_argument("--character", type=Path, default=None,
                    help=f"a saved character file instead of --reference (a path, or a name in the models folder's "
                         f"{CHARACTERS_SUBDIR.as_posix()})")
-    p.add_argument("--seed", type=int, default=123456, help="the board's seed: every candidate's seed derives from it "
-                                                            "and the panel and candidate numbers (default 123456)")
+    p.add_argument("--seed", type=int, default=123456,
+                   help="the board's seed: every candidate's seed derives from it and the panel and candidate numbers")
     p.add_argument("--output-dir", type=Path, default=None,
                    help="where the panels, contact_sheet.png and manifest.jsonl go (default output/<PANELS name>); "
                         "run again with the same folder to resume")
-    p.add_argument("--width", type=int, default=1024)
-    p.add_argument("--height", type=int, default=1024)
-    p.add_argument("--steps", type=int, default=28)
-    p.add_argument("--guidance", type=float, default=3.5)
-    p.add_argument("--subject-scale", type=float, default=0.9)
+    p.add_argument("--width", type=int, default=1024, help="panel width in pixels, a multiple of 16")
+    p.add_argument("--height", type=int, default=1024, help="panel height in pixels, a multiple of 16")
+    p.add_argument("--steps", type=int, default=28, help="denoising steps per candidate")
+    p.add_argument("--guidance", type=float, default=3.5, help="FLUX.1-dev's distilled guidance")
+    p.add_argument("--subject-scale", type=float, default=0.9, help="how strongly the character acts")
     p.add_argument("--fit", choices=("stretch", "pad", "crop"), default="stretch",
-                   help="how --reference pictures are made square")
-    p.add_argument("--offload", choices=("auto", "off", "budget", "sequential"), default="auto")
-    p.add_argument("--vram-budget", type=float, default=None, help="GiB for --offload budget")
-    p.add_argument("--fp8", action="store_true", help="store transformer weights as fp8 (compute in bf16)")
-    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
-    p.add_argument("--download", action="store_true", help="download missing models (FLUX.1-dev needs HF_TOKEN)")
+                   help="how a non-square --reference becomes square: stretch, pad with white, or crop the middle")
+    p.add_argument("--offload", choices=("auto", "off", "budget", "sequential"), default="auto",
+                   help="where the models stay during the run; auto picks from the free VRAM")
+    p.add_argument("--vram-budget", type=float, default=None,
+                   help="GiB (what nvidia-smi calls GB) the run may use with --offload budget; needed there")
+    p.add_argument("--fp8", action="store_true",
+                   help="store the transformer weights as fp8 (compute in bf16): half the memory to hold or stream")
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="weight and compute dtype")
+    p.add_argument("--download", action="store_true",
+                   help="download the missing models first, after checking the disk space, the Hugging Face token "
+                        "(FLUX.1-dev is gated) and the GPU")
     p.add_argument("--ray", default=None, metavar="auto|ADDRESS",
                    help='draw the panels on a Ray cluster (pip install "ray>=2.50"): auto joins the cluster '
                         "RAY_ADDRESS or `ray start` names, else starts one here; or give the head's address")
@@ -362,16 +404,29 @@ def _draw_panels(args, board, features, encoders, paths, dtype, todo):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m instantcharacter", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m instantcharacter", description=__doc__,
+                                     formatter_class=_HelpFormatter)
     models_help = "ComfyUI models folder (default: COMFYUI_MODELS_DIR, the ComfyUI this pack is in, or ./models)"
     parser.add_argument("--models-dir", type=Path, default=None, help=models_help)
     sub = parser.add_subparsers(dest="command", required=True)
-    gen = sub.add_parser("generate", help="generate pictures of a character")
+    gen = sub.add_parser("generate", help="generate pictures of a character", formatter_class=_HelpFormatter,
+                         description="Generate pictures of a character with FLUX.1-dev and InstantCharacter.")
     _add_generation_args(gen)
-    gen.add_argument("--download", action="store_true", help="download missing models (FLUX.1-dev needs HF_TOKEN)")
-    doc = sub.add_parser("doctor", help="check the machine and the model files")
-    doc.add_argument("--selftest", action="store_true", help="run a tiny random end-to-end generation")
-    story = sub.add_parser("storyboard", help="one character through the panels of a text file, the best of k each")
+    gen.add_argument("--download", action="store_true",
+                     help="download the missing models first, after checking the disk space, the Hugging Face token "
+                          "(FLUX.1-dev is gated) and the GPU")
+    doc = sub.add_parser("doctor", help="check the machine and the model files", formatter_class=_HelpFormatter,
+                         description="Report torch, the GPU, the model files and the offload setting to use.")
+    doc.add_argument("--selftest", action="store_true",
+                     help="also run a tiny RANDOM end-to-end generation on the CPU (no real weights needed)")
+    doc.add_argument("--verbose", action="store_true",
+                     help="with --selftest, show the libraries' warnings and progress bars too")
+    story = sub.add_parser("storyboard", help="one character through the panels of a text file, the best of k each",
+                           formatter_class=_HelpFormatter,
+                           description="Draw a character through every panel of a story (one prompt per line), the "
+                                       "best of --candidates pictures each, into numbered files, a contact sheet "
+                                       "and manifest.jsonl; run again to resume. --ray draws the panels on a Ray "
+                                       "cluster.")
     _add_storyboard_args(story)
     for command in (gen, doc, story):  # accepted after the command too; SUPPRESS keeps a value given before it
         command.add_argument("--models-dir", type=Path, default=argparse.SUPPRESS, help=models_help)

@@ -32,3 +32,8 @@ class UnsupportedModelError(InstantCharacterError, TypeError):
 
 class CharacterFileError(InstantCharacterError, ValueError):
     """A character file is missing, unreadable, or not a character file of this pack; nothing was loaded."""
+
+
+class NonFiniteResultError(InstantCharacterError, ArithmeticError):
+    """A run produced NaN or infinite values (latents, character tokens or decoded pixels) and was stopped before
+    anything was written; the message names the input that is out of its plausible range."""

@@ -1,24 +1,35 @@
-"""The adapter as a model ComfyUI's memory management loads, casts and offloads like its own.
+"""The adapter as a model ComfyUI's memory management loads, casts and offloads like its own add-on models.
 
 ComfyUI moves only what its ``comfy.ops`` layers let it: under a partial (low-VRAM) load it leaves a layer on
 the offload device and sets ``comfy_cast_weights`` so the layer's own forward copies its weights to the
 compute device for that call. Plain ``nn.Linear`` / ``nn.LayerNorm`` cannot do that, so the adapter's layers
 are switched in place to ComfyUI's layer classes (same parameters, same state dict; with casting off their
 forward is the one they had). The two small raw parameters (the heads' norm scales, the resampler's latents)
-copy themselves to the compute device in their forward (see model/).
+copy themselves to the compute device in their forward (see model/) where ComfyUI leaves them behind.
+
+The patcher is made as core makes its own add-on models (ControlNet, CLIP vision, model patches): with
+``comfy.model_patcher.CoreModelPatcher``, which ComfyUI swaps for its dynamic-VRAM patcher at start-up where
+dynamic VRAM is on (so a FLUX load with the adapter stays dynamic), and with a ``cached_patcher_init`` that loads
+the adapter again from its file, so ComfyUI's multi-GPU nodes can give every device its own copy.
 """
 
 from __future__ import annotations
 
 import functools
 
+import torch
 from torch import nn
 
 from ..instantcharacter.errors import UnsupportedModelError
 from ..instantcharacter.model.attention import _InputCastLinear
 
-ADAPTER_PATCHER = "_instantcharacter_comfy_patcher"
+ADAPTER_PATCHERS = "_instantcharacter_comfy_patchers"  # on the adapter: its patcher per load device
 _MANAGED = "_instantcharacter_comfy_managed"
+
+
+def adapter_key(adapter) -> str:
+    """The key of an adapter's patcher among a MODEL's additional models (copied per device by ComfyUI)."""
+    return f"instantcharacter_adapter_{id(adapter)}"
 
 
 @functools.cache
@@ -70,17 +81,59 @@ def make_comfy_managed(adapter: nn.Module) -> None:
     adapter.__dict__[_MANAGED] = True
 
 
-def adapter_patcher(adapter):
-    """The one ModelPatcher of a loaded adapter, made on first use and kept with the adapter, so every Apply that
-    uses it (and every run) is the same model to ComfyUI's memory management: counted once, loaded once."""
+def _core_patcher(adapter, disable_dynamic: bool = False):
     import comfy.model_management as mm
     import comfy.model_patcher
 
-    patcher = adapter.__dict__.get(ADAPTER_PATCHER)
-    if patcher is None:
-        make_comfy_managed(adapter)
-        patcher = comfy.model_patcher.ModelPatcher(adapter, load_device=mm.get_torch_device(),
-                                                   offload_device=mm.unet_offload_device())
-        adapter.__dict__[ADAPTER_PATCHER] = patcher
+    # looked up now, not at import: main.py reassigns CoreModelPatcher when it turns dynamic VRAM on (v0.16+)
+    cls = comfy.model_patcher.ModelPatcher if disable_dynamic else getattr(
+        comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
+    patcher = cls(adapter, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+    source = getattr(adapter, "loaded_from", None)
+    if source is not None:
+        patcher.cached_patcher_init = (load_adapter_patcher, (str(source), str(adapter.dtype).removeprefix("torch.")))
     return patcher
 
+
+def load_adapter_patcher(path: str, dtype: str, disable_dynamic: bool = False):
+    """ComfyUI's ``cached_patcher_init`` factory: a fresh copy of the adapter from its file, with its own
+    patcher (ComfyUI calls it to give another device its own adapter, or for a non-dynamic stand-in)."""
+    from ..instantcharacter.files.adapter_file import load_adapter
+
+    adapter = load_adapter(path, dtype=getattr(torch, dtype))
+    make_comfy_managed(adapter)
+    return _core_patcher(adapter, disable_dynamic)
+
+
+def adapter_patcher(adapter, load_device=None):
+    """The ModelPatcher of a loaded adapter for ``load_device`` (None: ComfyUI's main device), made on first use
+    and kept with the adapter, so every Apply that uses it (and every run) is the same model to ComfyUI's memory
+    management: counted once, loaded once. For another device (a MODEL moved by Select Model Device) ComfyUI
+    makes the copy, from the adapter's file."""
+    patchers = adapter.__dict__.setdefault(ADAPTER_PATCHERS, {})
+    main = patchers.get(None)
+    if main is None:
+        make_comfy_managed(adapter)
+        main = patchers[None] = _core_patcher(adapter)
+    if load_device is None or load_device == main.load_device:
+        return main
+    patcher = patchers.get(load_device)
+    if patcher is None:
+        if main.cached_patcher_init is None or not hasattr(main, "deepclone_multigpu"):
+            raise UnsupportedModelError(
+                f"This MODEL runs on {load_device} and the adapter on {main.load_device}: the adapter needs its own "
+                "copy there, which ComfyUI makes from the adapter's file. Load the adapter with InstantCharacter "
+                "Load Adapter (and use a ComfyUI with Select Model Device, v0.22 or newer).")
+        patcher = patchers[load_device] = main.deepclone_multigpu(new_load_device=load_device)
+    return patcher
+
+
+def follow_model_device(model_patcher, adapters) -> None:
+    """Give a MODEL whose device changed after Apply the adapter copy of its device. Select Model Device's
+    GPU choice copies the additional models with the MODEL; its CPU choice retargets the MODEL's patcher alone
+    and would leave the adapter on the old device."""
+    for adapter in adapters:
+        key = adapter_key(adapter)
+        found = model_patcher.get_additional_models_with_key(key)
+        if found and found[0].load_device != model_patcher.load_device:
+            model_patcher.set_additional_models(key, [adapter_patcher(adapter, model_patcher.load_device)])

@@ -44,7 +44,8 @@ class SaveCharacter(io.ComfyNode):
                 Character.Input("character", tooltip="From Encode Reference, Blend Characters or Load Character."),
                 io.String.Input("filename_prefix", default="character",
                                 tooltip="The file name's start; a number is added (character_00001_.safetensors). "
-                                        "'heroes/anna' saves into a heroes sub-folder of the characters folder."),
+                                        "'heroes/anna' saves into a heroes sub-folder of the characters folder "
+                                        "('heroes/' as heroes/character_…). An existing file is never replaced."),
             ],
             outputs=[io.String.Output(display_name="file",
                                       tooltip="The saved file's name, as Load Character lists it")],
@@ -57,11 +58,16 @@ class SaveCharacter(io.ComfyNode):
         character = plain_features(character, "Save Character")  # before anything touches the disk
         from comfy_api.latest import ui
 
-        from ..instantcharacter.files.character_file import SUFFIX, save_character
+        from ..instantcharacter.files.character_file import (character_prefix, check_savable, check_save_folder,
+                                                             save_numbered_character)
 
+        check_savable(character)
+        where = f"the characters folder (models/{CHARACTERS_SUBDIR.as_posix()})"
+        prefix = character_prefix(filename_prefix, where)  # normalised, so the numbering counts what is there
         root = os.path.abspath(folders.download_target(CHARACTERS_FOLDER))
-        folder, name, counter, _, _ = folder_paths.get_save_image_path(filename_prefix, root)
-        path = save_character(character, os.path.join(folder, f"{name}_{counter:05}_{SUFFIX}"))
+        check_save_folder(os.path.join(root, os.path.dirname(prefix)))
+        folder, name, counter, _, _ = folder_paths.get_save_image_path(prefix, root)
+        path = save_numbered_character(character, folder, name, counter)  # the next free number: never over a file
         listed = os.path.relpath(path, root).replace(os.sep, "/")
         log.info("InstantCharacter Save Character: wrote %s", path)
         return io.NodeOutput(listed, ui=ui.PreviewImage(preview_image(character), cls=cls))

@@ -3,6 +3,7 @@ user's pick turned into a path (or a download)."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 
@@ -131,8 +132,11 @@ def likely(options: list[str], *hints: str) -> str | None:
 
 
 def comfy_tokenizer_dirs() -> tuple[str, str]:
-    """The CLIP and T5 tokenizer folders that ship with the running ComfyUI."""
-    import comfy
+    """The CLIP and T5 tokenizer folders that ship with the running ComfyUI: beside the modules whose FLUX
+    text encoders read them."""
+    import comfy.sd1_clip
+    import comfy.text_encoders.flux
 
-    base = os.path.realpath(next(iter(comfy.__path__)))  # a namespace package: no comfy.__file__
-    return os.path.join(base, "sd1_tokenizer"), os.path.join(base, "text_encoders", "t5_tokenizer")
+    clip_dir = os.path.dirname(os.path.realpath(inspect.getfile(comfy.sd1_clip)))
+    t5_dir = os.path.dirname(os.path.realpath(inspect.getfile(comfy.text_encoders.flux)))
+    return os.path.join(clip_dir, "sd1_tokenizer"), os.path.join(t5_dir, "t5_tokenizer")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from .adapter_memory import adapter_patcher
+from .adapter_memory import adapter_key, adapter_patcher
 from .native_patch import WRAPPER_KEY
 from .types import CATEGORY, Adapter, Character
 
@@ -51,8 +51,8 @@ class ApplyToModel(io.ComfyNode):
         from ..instantcharacter.errors import InputError
         from ..instantcharacter.run.native import CharacterEntry, CharacterSet
         from ..instantcharacter.run.regions import characters_in
-        from .native_patch import (CharacterBlockPatch, check_flux_model, diffusion_model_wrapper,
-                                   outer_sample_wrapper)
+        from .native_patch import (CharacterBlockPatch, apply_model_wrapper, check_flux_model,
+                                   diffusion_model_wrapper, outer_sample_wrapper)
 
         if start_percent > end_percent:
             raise ValueError(f"start_percent ({start_percent}) is after end_percent ({end_percent}).")
@@ -86,9 +86,12 @@ class ApplyToModel(io.ComfyNode):
                 patched.set_model_patch_replace(patch, "dit", f"{kind}_block", i)
 
         # the wrappers of an earlier Apply came with the clone: this MODEL's set replaces them
-        for kind, make in ((ext.WrappersMP.DIFFUSION_MODEL, diffusion_model_wrapper),
+        for kind, make in ((ext.WrappersMP.APPLY_MODEL, apply_model_wrapper),
+                           (ext.WrappersMP.DIFFUSION_MODEL, diffusion_model_wrapper),
                            (ext.WrappersMP.OUTER_SAMPLE, outer_sample_wrapper)):
             patched.remove_wrappers_with_key(kind, WRAPPER_KEY)
             patched.add_wrapper_with_key(kind, WRAPPER_KEY, make(characters))
-        patched.set_additional_models(f"{WRAPPER_KEY}_adapter_{id(adapter)}", [adapter_patcher(adapter)])
+        # on the MODEL's own device (after Select Model Device it may not be the main one); ComfyUI copies it to
+        # every other device MultiGPU CFG Split adds
+        patched.set_additional_models(adapter_key(adapter), [adapter_patcher(adapter, patched.load_device)])
         return io.NodeOutput(patched)

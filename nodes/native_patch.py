@@ -8,21 +8,29 @@ the attention part of ``linear2``'s input on the image rows). That is where the 
 to the image part of the attention output, before the output projection. With no active character the
 original block runs without hooks, so the output is exactly the unpatched one.
 
-Per-call state (sigma, negative rows, text length, the generated-token grid) comes from one
-``DIFFUSION_MODEL`` wrapper; per-run state (the schedule window in sigmas, which conditioning is negative)
-from one ``OUTER_SAMPLE`` wrapper. Blocks therefore work the same whatever a caller passes in
-``transformer_options`` (TeaCache-style callers pass none, PuLID-Flux-ll passes them in the second dict).
+State lives where its scope is, as ComfyUI's own patches keep it (EasyCache): the run's (the window in sigmas,
+which conditioning is negative, the token cache) in ``transformer_options`` of the run, put there by an
+``OUTER_SAMPLE`` wrapper, so it reaches every model call whatever thread runs it; the call's in context
+variables of the thread running it, set by an ``APPLY_MODEL`` wrapper (the adapter copy of the patcher being
+called: under MultiGPU CFG Split or Select Model Device each device has its own) and a ``DIFFUSION_MODEL``
+wrapper (sigma, negative rows, token grid, the diffusion model whose blocks get the hooks). Blocks read the
+call's state from there, so they work the same whatever a caller passes in ``transformer_options``
+(TeaCache-style callers pass none, PuLID-Flux-ll passes them in the second dict), and a hook another thread
+registered on the same shared block ignores this thread's forward. Nothing per call is written on an object
+another call reads. The patches hold no tensors, so they need no ``.to()``.
 """
 
 from __future__ import annotations
 
 import logging
+from contextvars import ContextVar
 
 import torch
 
 from ..instantcharacter.errors import UnsupportedModelError
 from ..instantcharacter.model.attention import IP_HEAD_DIM
-from ..instantcharacter.run.native import CallState, CharacterSet
+from ..instantcharacter.run.native import CallState, CharacterCall, CharacterSet, RunState
+from .adapter_memory import adapter_key, follow_model_device
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +44,15 @@ def _eager(fn):
     return disable(fn) if disable is not None else fn
 
 WRAPPER_KEY = "instantcharacter"
+RUN_KEY = "instantcharacter_run"  # the run's RunState in the run's transformer_options
+
+# what the model call running in this thread asks of the characters (each thread has its own value)
+_CALL: ContextVar[CharacterCall | None] = ContextVar("instantcharacter_call", default=None)
+# the adapter copies of the patcher being called, per entry: (CharacterSet, adapters)
+_ADAPTERS: ContextVar[tuple | None] = ContextVar("instantcharacter_adapters", default=None)
+# the block call whose hooks may act on a forward in this thread
+_BLOCK: ContextVar[object | None] = ContextVar("instantcharacter_block", default=None)
+
 NOT_FLUX = ("InstantCharacter Apply works on a FLUX.1-dev MODEL (Load Diffusion Model, a GGUF or fp8 loader); "
             "this one {}.")
 
@@ -95,13 +112,14 @@ def _version_hint() -> str:
             "InstantCharacter is tested on (see the README); please report it with your ComfyUI version.")
 
 
-def _add_rows(x: torch.Tensor, delta: torch.Tensor, first: int, hidden: int) -> None:
-    """Add ``delta`` to rows ``first:first + len`` and channels ``:hidden`` of ``x``, in place.
+def _add_rows(x: torch.Tensor, rows, delta: torch.Tensor, first: int, hidden: int) -> None:
+    """Add ``delta`` to batch ``rows`` (a slice or indices), tokens ``first:first + len`` and channels ``:hidden``
+    of ``x``, in place.
 
     In place on purpose: ``x`` is the block's own attention output (or its concatenation with the MLP branch),
     used for nothing but this projection, and keeping its memory layout keeps the projection's arithmetic
-    exactly as without the character for rows whose weight is 0 (the negative pass, a masked-out region)."""
-    x[:, first:first + delta.shape[1], :hidden] += delta.to(x.dtype)
+    exactly as without the character for rows it does not act on (the negative pass, a masked-out region)."""
+    x[rows, first:first + delta.shape[1], :hidden] += delta.to(x.dtype)
 
 
 class CharacterBlockPatch:
@@ -128,11 +146,12 @@ class CharacterBlockPatch:
 
     @_eager
     def __call__(self, args, extra):
-        call = self.characters.call
+        call = _CALL.get()
+        if call is not None and call.characters is not self.characters:
+            call = None  # a call of another MODEL's patches: this set has nothing to add
         inner = extra["original_block"]
-        active = self.characters.active(call) if call is not None else []
-        if active:
-            inner = self._with_character(inner, call, active)
+        if call is not None and call.acting:
+            inner = self._with_character(inner, call)
         out = self.previous(args, {**extra, "original_block": inner}) if self.previous is not None else inner(args)
         if self.foreign:
             out = self._run_foreign(args, extra, out, call)
@@ -145,52 +164,59 @@ class CharacterBlockPatch:
             return block.img_attn.qkv, block.img_attn.proj
         return block.linear1, block.linear2
 
-    def _with_character(self, inner, call: CallState, active):
-        characters, layer_index = self.characters, self.layer_index
-        hidden = active[0][0].adapter.hidden_size
+    def _with_character(self, inner, call: CharacterCall):
+        layer_index, hidden = self.layer_index, call.hidden_size
 
         def run(block_args):
-            query_module, output_module = self._modules(characters.model)
+            query_module, output_module = self._modules(call.model)
             # double blocks see the image stream alone; single blocks see [text ; image]
-            first = 0 if self.kind == "double" else block_args["img"].shape[1] - call.image_tokens
-            rows = call.generated
-            box = {}
+            first = 0 if self.kind == "double" else block_args["img"].shape[1] - call.state.image_tokens
+            rows = call.state.generated
+            box = _BlockCall()
 
+            # the block's modules are shared by every copy of the MODEL on this device: hooks registered by
+            # another thread fire on this forward too, and act only on their own
             def after_qkv(module, inputs, output):
-                box["delta"] = characters.delta(layer_index, output[:, first:first + rows, :hidden], call, active)
+                if _BLOCK.get() is box:
+                    box.delta = call.delta(layer_index, output[:, first:first + rows, :hidden])
 
             def before_output(module, inputs):
-                if "delta" not in box:
+                if _BLOCK.get() is not box:
+                    return
+                if box.delta is None:
                     raise UnsupportedModelError(
                         f"ComfyUI's FLUX {self.kind} block {self.index} did not run its qkv projection before its "
                         f"output projection, so the character cannot be added." + _version_hint())
-                _add_rows(inputs[0], box.pop("delta"), first, hidden)
+                _add_rows(inputs[0], call.rows, box.delta, first, hidden)
+                box.delta = None
 
             handles = [query_module.register_forward_hook(after_qkv),
                        output_module.register_forward_pre_hook(before_output)]
+            token = _BLOCK.set(box)
             try:
                 out = inner(block_args)
             finally:
+                _BLOCK.reset(token)
                 for handle in handles:
                     handle.remove()
-            if "delta" in box:
+            if box.delta is not None:
                 raise UnsupportedModelError(f"ComfyUI's FLUX {self.kind} block {self.index} never called its output "
                                             "projection, so the character was not added." + _version_hint())
             return out
 
         return run
 
-    def _run_foreign(self, args, extra, out, call: CallState | None):
+    def _run_foreign(self, args, extra, out, call: CharacterCall | None):
         options = extra.get("transformer_options") or args.get("transformer_options") or {}
         if call is not None:
-            sigma = call.sigma
+            sigma = call.state.sigma
         elif options.get("sigmas") is not None:
             sigma = float(torch.as_tensor(options["sigmas"]).flatten()[0])
         else:
             log.warning("InstantCharacter: a stacked %s patch was skipped: no sigma for this call", self.kind)
             return out
         img = out["img"]
-        text = 0 if self.kind == "double" else (img.shape[1] - call.image_tokens if call is not None else 0)
+        text = 0 if self.kind == "double" else (img.shape[1] - call.state.image_tokens if call is not None else 0)
         base = img[:, text:]
         result = base
         for callback, kwargs in self.foreign:
@@ -202,7 +228,16 @@ class CharacterBlockPatch:
         return out
 
 
-def call_state(characters: CharacterSet, model, x, timestep, context, ref_latents, options) -> CallState:
+class _BlockCall:
+    """One block call's character term, between its two hooks."""
+
+    __slots__ = ("delta",)
+
+    def __init__(self):
+        self.delta = None
+
+
+def call_state(run: RunState, model, x, timestep, context, ref_latents, options) -> CallState:
     """What one model call tells the characters (one host sync: the sigma)."""
     patch = getattr(model, "patch_size", 2)
 
@@ -212,9 +247,34 @@ def call_state(characters: CharacterSet, model, x, timestep, context, ref_latent
     grid = tokens(x)
     references = sum(h * w for h, w in map(tokens, ref_latents or []))
     sigma = float(torch.as_tensor(timestep).flatten()[0])
-    negative = characters.negative_rows(x.shape[0], options.get("cond_or_uncond"), options.get("uuids"))
+    negative = run.negative_rows(x.shape[0], options.get("cond_or_uncond"), options.get("uuids"))
     return CallState(sigma=sigma, negative_rows=negative, text_len=context.shape[1], grid=grid,
                      image_tokens=grid[0] * grid[1] + references, device=x.device)
+
+
+def device_adapters(characters: CharacterSet, patcher) -> tuple:
+    """The adapter of each entry as the patcher being called holds it: its own copy under MultiGPU CFG Split or
+    Select Model Device (ComfyUI copies additional models per device), else the one Apply was given."""
+    adapters = []
+    for entry in characters.entries:
+        found = patcher.get_additional_models_with_key(adapter_key(entry.adapter)) if patcher is not None else []
+        adapters.append(found[0].model if found else entry.adapter)
+    return tuple(adapters)
+
+
+def apply_model_wrapper(characters: CharacterSet):
+    """An ``APPLY_MODEL`` wrapper: the model being called (``BaseModel``) knows its patcher, and so the adapter
+    copies of its device, for this call."""
+
+    def wrapper(executor, *args, **kwargs):
+        patcher = getattr(executor.class_obj, "current_patcher", None)
+        token = _ADAPTERS.set((characters, device_adapters(characters, patcher)))
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            _ADAPTERS.reset(token)
+
+    return wrapper
 
 
 def diffusion_model_wrapper(characters: CharacterSet):
@@ -222,40 +282,49 @@ def diffusion_model_wrapper(characters: CharacterSet):
 
     @_eager
     def begin(executor, x, timestep, context, ref_latents, options):
-        previous = characters.call, getattr(characters, "model", None)
-        characters.model = executor.class_obj
-        characters.call = call_state(characters, executor.class_obj, x, timestep, context, ref_latents, options)
-        return previous
+        run = options.get(RUN_KEY)
+        if getattr(run, "characters", None) is not characters:
+            run = characters.outside_runs
+        bound = _ADAPTERS.get()
+        adapters = bound[1] if bound is not None and bound[0] is characters else [e.adapter for e in characters.entries]
+        state = call_state(run, executor.class_obj, x, timestep, context, ref_latents, options)
+        return _CALL.set(run.call(state, adapters, executor.class_obj))
 
     @_eager
-    def end(previous):
-        characters.call, characters.model = previous
+    def end(token):
+        _CALL.reset(token)
 
     def wrapper(executor, x, timestep, context, y=None, guidance=None, ref_latents=None, control=None,
                 transformer_options=None, **kwargs):
-        options = transformer_options or {}
-        previous = begin(executor, x, timestep, context, ref_latents, options)
+        token = begin(executor, x, timestep, context, ref_latents, transformer_options or {})
         try:
             return executor(x, timestep, context, y, guidance, ref_latents, control, transformer_options, **kwargs)
         finally:
-            end(previous)
+            end(token)
 
     return wrapper
 
 
 def outer_sample_wrapper(characters: CharacterSet):
-    """An ``OUTER_SAMPLE`` wrapper: the window in sigmas of the model being sampled (after any sampling-shift
-    node), which conditioning is the negative one, and fresh token caches for the run."""
+    """An ``OUTER_SAMPLE`` wrapper: the run's state (the window in sigmas of the model being sampled, after any
+    sampling-shift node; which conditioning is the negative one; fresh token caches) in the run's own copy of the
+    model options, as ComfyUI's EasyCache keeps its per-run holder; dropped with the run."""
 
     def wrapper(executor, *args, **kwargs):
+        import comfy.model_patcher
+
         guider = executor.class_obj
+        follow_model_device(guider.model_patcher, {id(e.adapter): e.adapter for e in characters.entries}.values())
         sampling = guider.model_patcher.get_model_object("model_sampling")
         conds = getattr(guider, "conds", None) or {}
         negative = {c.get("uuid") for c in conds.get("negative", []) if isinstance(c, dict)} - {None}
-        characters.begin_run(sampling.percent_to_sigma, negative)
+        original = guider.model_options
+        guider.model_options = comfy.model_patcher.create_model_options_clone(original)
+        guider.model_options.setdefault("transformer_options", {})[RUN_KEY] = characters.run(
+            sampling.percent_to_sigma, negative)
         try:
             return executor(*args, **kwargs)
         finally:
-            characters.end_run()
+            guider.model_options = original
 
     return wrapper

@@ -15,6 +15,7 @@ it is missing without changing its math:
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import sys
 import types
@@ -89,8 +90,9 @@ def load_reference(root: Path):
     try:
         importlib.import_module("models.attn_processor")
         importlib.import_module("models.resampler")
-        module = types.ModuleType("instantcharacter_reference_pipeline")
-        module.__file__ = str(root / "pipeline.py")
+        spec = importlib.util.spec_from_file_location("instantcharacter_reference_pipeline", root / "pipeline.py")
+        module = importlib.util.module_from_spec(spec)
+        # seeded before the module runs, so its star-import's missing names are there when it needs them
         namespace = module.__dict__
         namespace.update({name: getattr(typing, name) for name in
                           ("Any", "Callable", "Dict", "List", "Optional", "Union")})
@@ -98,7 +100,7 @@ def load_reference(root: Path):
                          retrieve_timesteps=pipeline_flux.retrieve_timesteps, FluxPipelineOutput=FluxPipelineOutput,
                          replace_example_docstring=replace_example_docstring, XLA_AVAILABLE=False,
                          PipelineImageInput=typing.Any)
-        exec(compile((root / "pipeline.py").read_text(), str(root / "pipeline.py"), "exec"), namespace)
+        spec.loader.exec_module(module)
         return module
     finally:
         sys.path.remove(str(root))

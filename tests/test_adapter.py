@@ -9,12 +9,11 @@ from instantcharacter.model.adapter import InstantCharacterAdapter, attach
 from instantcharacter.errors import AdapterFileError
 from instantcharacter.testing.tiny import write_tiny_adapter
 
-KEYS_FILE = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "instantcharacter_ip-adapter.keys.json"
+# every key name and shape of the published instantcharacter_ip-adapter.bin (our own list, 24 KB)
+KEYS_FILE = Path(__file__).resolve().parent / "data" / "instantcharacter_ip-adapter.keys.json"
 
 
 def test_full_size_adapter_matches_published_key_file():
-    if not KEYS_FILE.is_file():
-        pytest.skip(f"reference key file not found at {KEYS_FILE}")
     groups = json.loads(KEYS_FILE.read_text())["groups"]
     published = {f"{g}.{k}": tuple(v) for g in groups for k, v in groups[g].items()}
     with torch.device("meta"):
@@ -64,14 +63,16 @@ def _save(path: Path, obj) -> Path:
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file
 
-        save_file(obj, str(path))
+        save_file({k: v.contiguous() for k, v in obj.items()}, str(path))
     else:
         torch.save(obj, path)
     return path
 
 
 def _r(*shape):
-    return torch.zeros(*shape)
+    """A zero tensor of ``shape`` that costs one element on disk in a pickle (the checks read names and shapes
+    only; the full-size InstantX adapter would otherwise be a 5.7 GB file)."""
+    return torch.zeros(()).expand(*shape)
 
 
 def _sd15_ip_adapter():

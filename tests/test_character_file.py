@@ -73,11 +73,11 @@ def test_a_loaded_character_gives_the_same_latents_as_the_encoded_one(tiny_flux,
 
 
 def test_a_loaded_character_gives_apply_the_same_character_tokens(tiny_adapter, features, saved):
-    from instantcharacter.run.native import CharacterEntry
+    from instantcharacter.run.native import merge_reference, project_tokens
 
     device = torch.device("cpu")
-    encoded = CharacterEntry(tiny_adapter, features, 0.9)._tokens_for(0.5, device)
-    loaded = CharacterEntry(tiny_adapter, load_character(saved), 0.9)._tokens_for(0.5, device)
+    encoded = project_tokens(tiny_adapter, merge_reference(tiny_adapter, features, device), 0.5)
+    loaded = project_tokens(tiny_adapter, merge_reference(tiny_adapter, load_character(saved), device), 0.5)
     assert torch.equal(encoded, loaded)
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import logging
+import time
 from pathlib import Path
 
 import pytest
@@ -81,6 +83,30 @@ def isolated_hf(tmp_path, monkeypatch):
     yield foreign
     huggingface_hub.set_client_factory(_http.default_client_factory)
     assert not foreign, f"requests left the stand-in: {foreign}"
+
+
+class _NoWaitClock:
+    """Stands in for the ``time`` module inside huggingface_hub's retry loop: every wait between retries is
+    recorded and returns at once (the retries still happen; the tests need not sit through 23 s of backoff)."""
+
+    def __init__(self):
+        self.waits: list[float] = []
+
+    def sleep(self, seconds: float) -> None:
+        self.waits.append(seconds)
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+
+@pytest.fixture(autouse=True)
+def retry_waits(monkeypatch) -> list[float]:
+    """The waits huggingface_hub's retries asked for, in order (none is waited)."""
+    from huggingface_hub.utils import _http
+
+    clock = _NoWaitClock()
+    monkeypatch.setattr(_http, "time", clock)
+    return clock.waits
 
 
 # ---- tiny repos in the real layouts ---------------------------------------------------------------------------
@@ -272,6 +298,37 @@ def test_unreachable_hub_says_check_connection_or_place_files_by_hand(model, tmp
     message = str(info.value)
     assert "internet connection" in message and "by hand" in message
     assert f"https://huggingface.co/{model.repo_id}" in message and str(dest) in message
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.NOTSET)
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def test_each_retry_is_one_line_of_ours_and_reaches_the_console_once(tmp_path, retry_waits):
+    """huggingface_hub logs two warnings per retry, through its own handler and through the application's: while
+    our download runs, both are replaced by one record of ours, which only the application's handlers print."""
+    hf_console, app_console = _Records(), _Records()
+    logging.getLogger("huggingface_hub").addHandler(hf_console)
+    logging.getLogger().addHandler(app_console)
+    try:
+        with unreachable_endpoint() as endpoint, pytest.raises(DownloadError, match="internet connection"):
+            hub.download(hub.SIGLIP, tmp_path / "siglip", endpoint=endpoint)
+    finally:
+        logging.getLogger("huggingface_hub").removeHandler(hf_console)
+        logging.getLogger().removeHandler(app_console)
+    assert retry_waits == [1, 2, 4, 8, 8]  # huggingface_hub's own backoff, five retries
+    assert not [m for m in hf_console.messages if "thrown while requesting" in m or "Retry" in m], hf_console.messages
+    retries = [m for m in app_console.messages if m.startswith("Hub request failed")]
+    assert len(retries) == 5 and len(set(retries)) == 5, app_console.messages
+    assert all(f"retry {i}/5 in {w}s" in m for i, (m, w) in enumerate(zip(retries, retry_waits), 1)), retries
+    assert "GET " in retries[0] and endpoint in retries[0]
+    assert not [m for m in app_console.messages if "thrown while requesting" in m or m.startswith("Retrying")]
+    assert not logging.getLogger("huggingface_hub.utils._http").filters  # the folding ends with the download
 
 
 def test_unreachable_hub_with_other_files_in_ipadapter_folder_is_an_error(tmp_path):

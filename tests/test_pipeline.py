@@ -220,3 +220,26 @@ def test_schedule_window_and_block_weights_at_their_extremes(tiny_flux, tiny_ada
         assert (out.latents - plain.latents).abs().max() > 1e-4, kw
     with pytest.raises(InputError, match="start_percent"):
         _run(tiny_flux, tiny_adapter, features, start_percent=0.8, end_percent=0.2)
+
+
+def test_true_cfg_projects_the_character_keys_and_values_once_per_step(tiny_flux, tiny_adapter, features,
+                                                                       monkeypatch):
+    """With true CFG and the character on both passes, each step projects each layer's character keys and
+    values once (the negative pass reuses them), from one token row whatever the batch, and the latents equal
+    those of projecting them in every pass (as before) within float rounding."""
+    from instantcharacter.model.attention import CharacterContext
+
+    kwargs = dict(negative_prompt="blurry", true_cfg=2.0, batch_size=2, steps=2)
+    rows = []
+    hooks = [layer.to_k_ip.register_forward_hook(lambda m, i, o: rows.append(i[0].shape[0]))
+             for layer in tiny_adapter.ip_adapter]
+    try:
+        shared = _run(tiny_flux, tiny_adapter, features, **kwargs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert rows == [1] * (tiny_adapter.num_layers * 2)  # 2 steps, 2 passes each, batch 2
+    monkeypatch.setattr(CharacterContext, "keys_values",
+                        lambda self, index, position, layer, tokens: layer.keys_values(tokens))
+    every_pass = _run(tiny_flux, tiny_adapter, features, **kwargs)
+    assert (shared.latents - every_pass.latents).abs().max() <= 1e-6

@@ -160,8 +160,9 @@ def test_the_readme_story_and_command_make_numbered_panels_a_sheet_and_a_manifes
     readme = (ROOT / "README.md").read_text()
     section = readme.split("## Storyboards", 1)[1]
     story = section.split("```text\n", 1)[1].split("```", 1)[0]
-    command = next(line for line in section.splitlines() if line.startswith("python -m instantcharacter storyboard"))
-    args = shlex.split(command.split("python -m instantcharacter", 1)[1])
+    command = next(line for line in section.splitlines() if line.startswith(".venv/bin/python -m instantcharacter "
+                                                                           "storyboard"))
+    args = shlex.split(command.split("-m instantcharacter", 1)[1])
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("COMFYUI_MODELS_DIR", str(tiny_models["flux"].parents[1]))
     (tmp_path / "story.txt").write_text(story)

@@ -18,13 +18,20 @@ from ..errors import AdapterFileError
 from ..model.adapter import InstantCharacterAdapter
 from ..model.attention import IP_HEAD_DIM
 from ..model.projector import ProjectorConfig
-from .checkpoint import CheckpointReadError, read_checkpoint, short_error
+from .checkpoint import CheckpointReadError, SizeLimit, read_checkpoint
 
 EXPECTED = (
     "an InstantCharacter adapter (instantcharacter_ip-adapter.bin from Tencent/InstantCharacter, 5.59 GB, "
     "holding 'image_proj' with cross_layer_blocks/cross_scale_blocks/resampler and 'ip_adapter' with 57 "
     "layers of norm_ip_q/to_k_ip/norm_ip_k/to_v_ip)"
 )
+
+
+# The published checkpoint's parameter count (every key and shape: shared/reference, checked by test_adapter.py).
+PUBLISHED_PARAMETERS = 2_794_932_864
+# What an adapter file can hold: the published parameters at 4 bytes each (fp32, twice the published bf16 file),
+# plus 256 MiB for the pickle itself and rounding. A pickle that declares more is refused before it is unpacked.
+SIZE_LIMIT = SizeLimit("the InstantCharacter adapter", total=PUBLISHED_PARAMETERS * 4 + 2**28)
 
 
 def _read(path: Path) -> dict:
@@ -37,17 +44,21 @@ def _read(path: Path) -> dict:
         raise AdapterFileError(f"{path.name} is an empty file (0 bytes): the download or copy failed. "
                                f"Delete it and download {EXPECTED} again.")
     try:
-        raw, _ = read_checkpoint(path)
+        raw, _ = read_checkpoint(path, SIZE_LIMIT)
     except CheckpointReadError as err:
         if err.unsafe:
             raise AdapterFileError(
-                f"{path.name} contains pickled Python objects other than tensors, so it is not loaded "
-                f"(only plain tensor checkpoints are safe to open). Expected {EXPECTED}."
+                f"{path.name} contains pickled Python objects other than tensors ({err.reason}), so it is not loaded "
+                f"(it could run code; only plain tensor checkpoints are safe to open). Delete it and download "
+                f"{EXPECTED}."
             ) from err
+        if err.oversized:
+            raise AdapterFileError(f"{path.name} is not loaded: it {err.reason}. Delete it and download {EXPECTED}.") \
+                from err
         size = path.stat().st_size
         raise AdapterFileError(
-            f"{path.name} ({size:,} bytes) could not be read: it looks truncated or corrupt ({err.cause.__class__.__name__}: "
-            f"{short_error(err.cause)}). The published file is 5.59 GB; delete it and download it again.") from err
+            f"{path.name} ({size:,} bytes) could not be read: it looks truncated or corrupt ({err.reason}). The "
+            "published file is 5.59 GB; delete it and download it again.") from err
     return raw
 
 
@@ -142,6 +153,7 @@ def load_adapter(path: str | os.PathLike, dtype: torch.dtype | None = None,
     target = dtype or next(iter(flat.values())).dtype
     flat = {k: v.to(device=device, dtype=target) for k, v in flat.items()}
     model.load_state_dict(flat, strict=True, assign=True)
+    model.loaded_from = path  # so a host can load another copy (one per device) the same way
     return model.eval().requires_grad_(False)
 
 

@@ -13,7 +13,7 @@ import torch
 
 from ..errors import ModelFolderError
 from ..reference.encoders import DINO_DEFAULT_NORM, DINO_LAYERS, SIGLIP_DEFAULT_NORM, SIGLIP_LAYERS, ReferenceEncoders
-from .checkpoint import short_error
+from .checkpoint import CheckpointReadError, check_declared_sizes, short_error
 from .single_file import load_siglip_vision
 
 SIGLIP_TYPES = ("siglip", "siglip_vision_model")
@@ -56,6 +56,13 @@ def check_folder(folder: Path, role: str, expected_types: tuple[str, ...], descr
         )
     if not _has_weights(folder):
         raise ModelFolderError(f"{folder} has no weights (*.safetensors): the download is incomplete.")
+    if not any(folder.glob("*.safetensors")):  # transformers will unpickle the .bin weights: bound them first
+        for pickled in sorted(folder.glob("*.bin")):
+            try:
+                check_declared_sizes(pickled)
+            except CheckpointReadError as err:
+                raise ModelFolderError(f"The {role} folder {folder} is not loaded: {pickled.name} {err.reason}. "
+                                       "Download the folder again (its .safetensors weights).") from err
 
 
 @contextlib.contextmanager

@@ -19,6 +19,7 @@ from typing import Callable
 
 from ..errors import DownloadError
 from .checkpoint import short_error
+from .hub_retries import one_line_per_retry
 
 
 @dataclass(frozen=True)
@@ -102,10 +103,12 @@ def download(model: HubModel, dest: str | os.PathLike, progress: Callable[[int, 
     (tests point it at a local stand-in; ``HF_ENDPOINT`` works too, if set before huggingface_hub is first
     imported, i.e. before ComfyUI starts)."""
     dest = Path(dest)
+    check_destination(dest)
     created = [d for d in (dest, *dest.parents) if not d.exists()]
     dest.mkdir(parents=True, exist_ok=True)
     try:
-        _snapshot(model, dest, _progress_tqdm(progress) if progress else None, endpoint)
+        with one_line_per_retry():
+            _snapshot(model, dest, _progress_tqdm(progress) if progress else None, endpoint)
         return _check_complete(model, dest)
     except DownloadError:
         _remove_lock_files(dest)
@@ -113,6 +116,19 @@ def download(model: HubModel, dest: str | os.PathLike, progress: Callable[[int, 
             if folder.is_dir() and not any(folder.iterdir()):
                 folder.rmdir()
         raise
+
+
+def check_destination(dest: Path) -> None:
+    """Refuse, before any download, a destination that cannot become a folder: a link to nothing (a moved model
+    folder, an unplugged drive) or a file, there or above it."""
+    for path in (dest, *dest.parents):
+        if path.is_symlink() and not path.exists():
+            raise DownloadError(f"{path} is a link to {os.readlink(path)}, which does not exist (moved, deleted or on "
+                                "a drive that is not connected): restore its target, or delete the link to download "
+                                "into a new folder there.")
+        if path.exists() and not path.is_dir():
+            raise DownloadError(f"{path} is a file, so nothing can be downloaded into it: move the file away and run "
+                                "again.")
 
 
 def _snapshot(model: HubModel, dest: Path, tqdm_class, endpoint: str | None) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 from ..errors import ModelFolderError
@@ -11,7 +12,27 @@ from .checkpoint import TensorFile, open_tensors
 def describe(path: str | os.PathLike | TensorFile) -> str:
     """What a checkpoint looks like, from its key names and shapes: 'a FLUX.1-schnell transformer (bf16)'."""
     f = open_tensors(path)
-    return f"{_kind(f)} ({f.precision()})"
+    try:
+        kind = _kind(f)
+    except (IndexError, ValueError, TypeError):  # the key names of a model, but tensors of other ranks
+        kind = f"an unrecognised model whose tensors have unusual shapes ({len(f.keys)} tensors)"
+    return f"{kind} ({f.precision()})"
+
+
+def shapes_checked(need: str, hint: str):
+    """For a function that reads a model's sizes from a file's tensor shapes: a file with the right key names but
+    tensors of other ranks (an index or an unpacking that fails) is refused as not ``need``, by name, instead of
+    an IndexError."""
+    def decorate(inspect):
+        @functools.wraps(inspect)
+        def checked(path):
+            f = open_tensors(path)
+            try:
+                return inspect(f)
+            except (IndexError, ValueError, TypeError) as err:
+                raise wrong_file(f, need, hint, "Its tensors do not have the shapes of that model.") from err
+        return checked
+    return decorate
 
 
 def _kind(f: TensorFile) -> str:

@@ -24,6 +24,13 @@ class ModelLocation:
     present: bool
     detail: str
 
+    @property
+    def download_folder(self) -> Path:
+        """The folder a download of this model writes into (the adapter is one file in its folder)."""
+        from .hub import ADAPTER
+
+        return self.path.parent if self.model is ADAPTER else self.path
+
 
 def default_models_dir() -> Path:
     """``COMFYUI_MODELS_DIR``, else the models folder of the ComfyUI this pack sits in, else ./models."""

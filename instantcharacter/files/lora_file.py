@@ -30,7 +30,7 @@ import torch
 
 from ..errors import LoraFileError
 from .cache import file_key
-from .checkpoint import CheckpointReadError, read_checkpoint, short_error
+from .checkpoint import CheckpointReadError, SizeLimit, read_checkpoint, short_error
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,10 @@ BFL_TOP_LEVEL = ("double_blocks", "single_blocks", "img_in", "txt_in", "time_in"
 DIFFUSERS_TOP_LEVEL = ("transformer_blocks", "single_transformer_blocks", "x_embedder", "context_embedder",
                        "time_text_embed", "norm_out", "proj_out")
 UNET_NAMES = ("down_blocks", "up_blocks", "mid_block", "input_blocks", "output_blocks", "middle_block")
+# The largest tensor a FLUX.1 LoRA can hold: a full-rank fp32 matrix of FLUX's widest layer (a single block's
+# linear1, 3072 → 21504; every FLUX layer is at most 3072 wide on its narrow side, so a LoRA's rank is too). Each
+# tensor of a pickled LoRA is bounded by it before anything is unpacked; the file's own size bounds the total.
+SIZE_LIMIT = SizeLimit("a FLUX.1 LoRA", per_tensor=21504 * 3072 * 4)
 
 
 @dataclass(frozen=True)
@@ -92,10 +96,17 @@ def clear_cache() -> None:
 
 def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
     try:
-        tensors, header = read_checkpoint(path)
+        tensors, header = read_checkpoint(path, SIZE_LIMIT)
     except CheckpointReadError as e:
+        if e.unsafe:
+            raise LoraFileError(
+                f"{path.name} contains pickled Python objects other than tensors ({e.reason}), so it is not loaded "
+                "(it could run code). Use a .safetensors LoRA.") from e
+        if e.oversized:
+            raise LoraFileError(f"{path.name} is not loaded: it {e.reason}. Use another copy of the LoRA, as "
+                                ".safetensors.") from e
         raise LoraFileError(
-            f"{path.name} could not be read as a LoRA ({type(e.cause).__name__}: {short_error(e.cause, 160)}). The "
+            f"{path.name} could not be read as a LoRA ({e.reason}). The "
             "file is damaged, incomplete or not a model file: download it again."
         ) from e
     if isinstance(tensors, dict):
@@ -107,15 +118,17 @@ def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
     if raw:
         try:
             metadata = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):  # nested past Python's recursion limit: as unreadable
             log.warning("%s: ignoring unreadable LoRA metadata in the file header", path.name)
+        if not isinstance(metadata, dict):
+            metadata = None
     return tensors, metadata
 
 
 def _parse(path: Path) -> ParsedLora:
+    raw, metadata = _read_tensors(path)  # refused files are refused before diffusers is imported
     from diffusers import FluxPipeline
 
-    raw, metadata = _read_tensors(path)
     try:
         converted, alphas = FluxPipeline.lora_state_dict(_bfl_names_in_comfy_spelling(raw), return_alphas=True)
     except Exception as e:  # the converters raise ValueError, KeyError or AssertionError on foreign layouts

@@ -25,7 +25,7 @@ from torch import nn
 
 from .building import Source, empty_model, fill, hf_sources, storage_plan, use_fp8, wants_fp8
 from .checkpoint import TensorDict, open_tensors
-from .identify import wrong_file
+from .identify import shapes_checked, wrong_file
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 
@@ -57,6 +57,7 @@ _FLUX_PROBES = {
 }
 
 
+@shapes_checked("a FLUX.1-dev transformer", FLUX_HINT)
 def inspect_flux_transformer(path) -> tuple[dict, dict[str, Source], str]:
     """Check a FLUX.1-dev transformer file and read its config from the tensors (no weights are loaded).
     Returns (diffusers config, parameter name → source in the file, the file's probe key for its precision)."""
@@ -169,6 +170,7 @@ def load_flux_transformer(path, dtype: torch.dtype = torch.bfloat16, fp8_storage
 
 # --- text encoders ------------------------------------------------------------------------------------------
 
+@shapes_checked("the CLIP-L text encoder", CLIP_HINT)
 def inspect_clip_text(path) -> tuple[dict, str]:
     """Check a CLIP-L text encoder file; returns (CLIPTextConfig values, key prefix)."""
     f = open_tensors(path)
@@ -209,6 +211,7 @@ def load_clip_text(path, dtype: torch.dtype = torch.bfloat16, tokenizer=None):
 _T5_Q = "encoder.block.0.layer.0.SelfAttention.q.weight"
 
 
+@shapes_checked("the T5-XXL text encoder", T5_HINT)
 def inspect_t5(path) -> tuple[dict, str, str]:
     """Check a T5 v1.1 encoder file; returns (T5Config values, key prefix, embedding key)."""
     f = open_tensors(path)
@@ -254,6 +257,7 @@ def load_t5_encoder(path, dtype: torch.dtype = torch.bfloat16, fp8_storage: bool
 
 # --- VAE ----------------------------------------------------------------------------------------------------
 
+@shapes_checked("the FLUX VAE", VAE_HINT)
 def inspect_flux_vae(path) -> tuple[dict, str, str]:
     """Check a FLUX VAE file (BFL/LDM or diffusers layout); returns (AutoencoderKL config, prefix, layout)."""
     f = open_tensors(path)
@@ -301,6 +305,7 @@ def load_flux_vae(path, dtype: torch.dtype = torch.bfloat16):
 
 # --- SigLIP -------------------------------------------------------------------------------------------------
 
+@shapes_checked("SigLIP so400m-patch14-384", SIGLIP_HINT)
 def inspect_siglip(path) -> tuple[dict, str]:
     """Check a SigLIP so400m-patch14-384 vision file (ComfyUI clip_vision layout = transformers' keys).
     SigLIP 2 at the same size has the same tensors and cannot be told apart; other sizes are refused."""

@@ -59,23 +59,29 @@ class CharacterAttentionLayer(nn.Module):
         self.norm_ip_k = HeadNorm(head_dim)
         self.to_v_ip = _InputCastLinear(token_dim, hidden_size)
 
-    def forward(self, image_query: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """``image_query``: the layer's raw ``to_q`` output for the image tokens [B, L, H·D] (before
-        FLUX's q-norm and RoPE); ``tokens``: character tokens [1 or B, N, token_dim]. Returns [B, L, H·D]."""
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        return t.unflatten(-1, (-1, self.head_dim)).transpose(1, 2)
+
+    def keys_values(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys (normed) and values from the character tokens [T, N, token_dim], per head [T, H, N, D]. One
+        character's tokens are the same for every batch row, so T is 1 and they are projected once."""
+        key = self.norm_ip_k(self._heads(self.to_k_ip(tokens)))
+        return key, self._heads(self.to_v_ip(tokens))
+
+    def attend(self, image_query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """``image_query``: the layer's raw ``to_q`` output for the image tokens [B, L, H·D] (before FLUX's
+        q-norm and RoPE); ``key``/``value`` from :meth:`keys_values`, for one row or all. Returns [B, L, H·D]."""
         batch = image_query.shape[0]
-        if tokens.shape[0] != batch:
-            tokens = tokens.expand(batch, -1, -1)
-
-        def heads(t: torch.Tensor) -> torch.Tensor:
-            return t.unflatten(-1, (-1, self.head_dim)).transpose(1, 2)
-
-        key = heads(self.to_k_ip(tokens))
-        value = heads(self.to_v_ip(tokens))
         dtype = key.dtype  # the adapter weights' dtype (as stored, or as streamed)
-        query = self.norm_ip_q(heads(image_query)).to(dtype)
-        key = self.norm_ip_k(key).to(dtype)
-        out = F.scaled_dot_product_attention(query, key, value.to(dtype))
+        if key.shape[0] != batch:
+            key, value = key.expand(batch, -1, -1, -1), value.expand(batch, -1, -1, -1)
+        query = self.norm_ip_q(self._heads(image_query)).to(dtype)
+        out = F.scaled_dot_product_attention(query, key.to(dtype), value.to(dtype))
         return out.transpose(1, 2).flatten(2).to(image_query.dtype)
+
+    def forward(self, image_query: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """The character attention of ``image_query`` [B, L, H·D] to ``tokens`` [1 or B, N, token_dim]."""
+        return self.attend(image_query, *self.keys_values(tokens))
 
 
 @dataclass
@@ -89,6 +95,9 @@ class CharacterContext:
     ``layer_scales`` optionally overrides the scale per layer index (double blocks first).
     ``image_seq_len`` is the number of image tokens: single-stream layers see [text ; image] and the
     character acts on the image positions only.
+    ``kv_cache``, when a dict, keeps each layer's character keys and values from one transformer call for the
+    next (the pipeline sets a fresh one per step when both CFG passes carry the character, so the negative
+    pass reuses the positive pass's projections); None projects them in every call.
     """
 
     tokens: torch.Tensor | None = None
@@ -96,6 +105,17 @@ class CharacterContext:
     image_seq_len: int = 0
     layer_scales: dict[int, float] = field(default_factory=dict)
     characters: tuple[tuple[torch.Tensor, torch.Tensor | None], ...] = ()
+    kv_cache: dict | None = None
+
+    def keys_values(self, index: int, position: int, layer: CharacterAttentionLayer,
+                    tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``index``'s keys and values of the ``position``-th acting character."""
+        if self.kv_cache is None:
+            return layer.keys_values(tokens)
+        found = self.kv_cache.get((index, position))
+        if found is None:
+            found = self.kv_cache[(index, position)] = layer.keys_values(tokens)
+        return found
 
     def scale_for(self, index: int) -> float:
         return self.layer_scales.get(index, self.scale)
@@ -172,8 +192,8 @@ class CharacterFluxAttnProcessor:
     def _characters(self, image_query: torch.Tensor, acting) -> torch.Tensor:
         """The sum of the characters' attention, each times its weight per image token (where it has one)."""
         total = None
-        for tokens, weight in acting:
-            term = self.layer(image_query, tokens)
+        for position, (tokens, weight) in enumerate(acting):
+            term = self.layer.attend(image_query, *self.context.keys_values(self.index, position, self.layer, tokens))
             if weight is not None:
                 term = term * weight.to(term.device, term.dtype)[None, :, None]
             total = term if total is None else total + term

@@ -27,6 +27,10 @@ DINO_DEFAULT_NORM = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 PREVIEW_SIDE = 128  # the prepared pictures a character keeps, small, for a character file's preview
 PREVIEW_LIMIT = 8
+# The largest feature value a character may hold. SigLIP so400m's and DINOv2-giant's hidden states stay within a
+# few hundred, their rare "massive activations" within a few thousand; a feature past this bound was not made by
+# them (an altered or damaged file) and would overflow the projector into NaN (black) pictures.
+FEATURE_LIMIT = 1e5
 
 
 @dataclass(frozen=True)
@@ -80,6 +84,11 @@ class ReferenceFeatures:
     @property
     def feature_dim(self) -> int:
         return self.low_res_deep.shape[-1]
+
+    def largest_value(self) -> float:
+        """The largest magnitude among the features (NaN if any is NaN)."""
+        peaks = torch.stack([t.detach().abs().max().float().cpu() for t in self.tensors()])
+        return float(peaks.max()) if not peaks.isnan().any() else float("nan")
 
     def check_fits(self, feature_dim: int) -> None:
         """Refuse, by name, features an adapter whose projector reads ``feature_dim`` channels cannot read."""
@@ -140,12 +149,16 @@ def preview_of(squares: list[Image.Image]) -> torch.Tensor:
     return torch.from_numpy(np.stack(small))
 
 
-def _blocks(model, path: str) -> list:
-    """The transformer layers of an encoder (for cancel points), or the whole model if it is built otherwise."""
-    found = model
-    for name in path.split("."):
-        found = getattr(found, name, None)
-    return list(found) if found is not None else [model]
+def _blocks(model, *paths: str) -> list:
+    """The transformer layers of an encoder (for cancel points) at the first of ``paths`` it has, or the whole model
+    if it is built otherwise."""
+    for path in paths:
+        found = model
+        for name in path.split("."):
+            found = getattr(found, name, None)
+        if found is not None:
+            return list(found)
+    return [model]
 
 
 def _config_name(model) -> str:
@@ -250,7 +263,9 @@ class ReferenceEncoders:
                        preparation: dict | None = None) -> ReferenceFeatures:
         """``cancel_check()`` runs before every encoder layer (it stops the encoding by raising).
         ``preparation``: how the squares were made (:func:`preparation`), recorded in the features' source."""
-        layers = [*_blocks(self.siglip, "vision_model.encoder.layers"), *_blocks(self.dino, "encoder.layer")]
+        # transformers 5 builds SiglipVisionModel without its vision_model wrapper
+        layers = [*_blocks(self.siglip, "vision_model.encoder.layers", "encoder.layers"),
+                  *_blocks(self.dino, "encoder.layer")]
         with cancel_points(layers, cancel_check):
             features = ReferenceFeatures.blend([self.encode_square(sq) for sq in squares], weights)
         settings = {**(preparation or {}), "pictures": len(squares),

@@ -1,22 +1,33 @@
 """The part of the native path (ComfyUI's own FLUX model) that needs no ComfyUI: the characters applied to one
-MODEL and what one model call tells them.
+MODEL, what one sampling run fixes for them, and what one model call asks of them.
 
-The node layer builds a :class:`CallState` once per model call (sigma, which batch rows are the negative pass,
-text length, the grid of generated image tokens) and every block reads it, so no block looks at ComfyUI's
-per-block options or syncs with the host. The projector takes the timestep on the 0–1000 scale, sigma × 1000,
-as in the pipeline path.
+Three scopes, three objects, so that model calls running at the same time (ComfyUI's MultiGPU CFG Split runs the
+passes in threads, each on its device's copy of the model and of the adapter) share nothing that one of them
+writes:
+
+- :class:`CharacterSet`: the characters of the Apply nodes of one MODEL; fixed once made, shared by every run.
+- :class:`RunState`: one sampling run: each character's window in sigmas (after any sampling-shift node),
+  which conditioning is the negative one, and the run's character tokens, kept per character and adapter copy
+  (so per device) behind a lock.
+- :class:`CharacterCall`: one model call: its :class:`CallState`, the adapter copy of the call's device for
+  each character, and which characters act on which batch rows.
+
+The projector takes the timestep on the 0–1000 scale, sigma × 1000, as in the pipeline path.
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
+from ..errors import NonFiniteResultError
 from ..model.adapter import InstantCharacterAdapter
 from ..reference.encoders import ReferenceFeatures
 from .regions import share_overlaps, token_region
+
 
 @dataclass(frozen=True)
 class CallState:
@@ -37,10 +48,9 @@ class CallState:
 class CharacterEntry:
     """One Apply node: a character with its weight, its window of the schedule and an optional region.
 
-    The window is ``start_percent``–``end_percent`` of the schedule, turned into sigmas when sampling starts
-    (:meth:`set_window`), so a sampling-shift node placed after Apply moves it as it moves the schedule. The
-    sigmas given at construction serve calls made outside a sampling run. Tokens are computed once per sigma
-    (the latest is kept until :meth:`reset`).
+    The window is ``start_percent``–``end_percent`` of the schedule, turned into sigmas for each sampling run
+    (:meth:`window`), so a sampling-shift node placed after Apply moves it as it moves the schedule. The sigmas
+    given at construction serve model calls made outside a sampling run.
     """
 
     def __init__(self, adapter: InstantCharacterAdapter, features: ReferenceFeatures, weight: float,
@@ -54,75 +64,94 @@ class CharacterEntry:
         self.on_negative = on_negative
         self.mask = mask
         self.sigma_start, self.sigma_end = float(sigma_start), float(sigma_end)
-        self._merged: torch.Tensor | None = None
-        self._tokens: torch.Tensor | None = None
-        self._tokens_key: float | None = None
         self._regions: dict[tuple[int, int], torch.Tensor] = {}
 
-    def set_window(self, percent_to_sigma: Callable[[float], float]) -> None:
-        self.sigma_start = float(percent_to_sigma(self.start_percent))
-        self.sigma_end = float(percent_to_sigma(self.end_percent))
-
-    def reset(self) -> None:
-        """Forget per-run state (called around each sampling run)."""
-        self._tokens = self._tokens_key = self._merged = None
-
-    def acts_at(self, sigma: float) -> bool:
-        return self.weight != 0 and self.sigma_end - 1e-6 <= sigma <= self.sigma_start + 1e-6
-
-    def row_weights(self, call: CallState) -> torch.Tensor | None:
-        """Per-row weight of the character for this model call, or None when it does not act at all."""
-        if not self.acts_at(call.sigma):
-            return None
-        rows = [0.0 if negative and not self.on_negative else self.weight for negative in call.negative_rows]
-        if not any(rows):
-            return None
-        return torch.tensor(rows, device=call.device)
+    def window(self, percent_to_sigma: Callable[[float], float] | None) -> tuple[float, float]:
+        """(highest, lowest) sigma at which the character acts."""
+        if percent_to_sigma is None:
+            return self.sigma_start, self.sigma_end
+        return float(percent_to_sigma(self.start_percent)), float(percent_to_sigma(self.end_percent))
 
     def region(self, grid: tuple[int, int]) -> torch.Tensor | None:
-        """This character's weight per generated token (None: everywhere)."""
+        """This character's weight per generated token (None: everywhere). Concurrent callers may both compute
+        a missing grid's region; they store the same values."""
         if self.mask is None:
             return None
-        if grid not in self._regions:
-            self._regions[grid] = token_region(self.mask, grid)
-        return self._regions[grid]
+        region = self._regions.get(grid)
+        if region is None:
+            region = self._regions[grid] = token_region(self.mask, grid)
+        return region
 
-    def _tokens_for(self, sigma: float, device: torch.device) -> torch.Tensor:
-        """The character tokens at ``sigma`` on the call's device. Only the latest sigma's are kept (the negative
-        and positive passes of a step share them), so what stays on the device between calls is one token set
-        and the merged features: small, transient, inside ComfyUI's inference reserve."""
+
+def merge_reference(adapter: InstantCharacterAdapter, features: ReferenceFeatures,
+                    device: torch.device) -> torch.Tensor:
+    """The projector's timestep-free part for one character on ``device`` (once per run and device)."""
+    proj = adapter.image_proj
+    # ComfyUI loads (or partly loads) the adapter and its layers cast themselves to ``device``; nothing here
+    # moves a module, so its memory bookkeeping stays true
+    dtype = next(proj.parameters()).dtype
+    with torch.inference_mode():
+        return proj.merge_features(*(t.to(device, dtype) for t in features.tensors()))
+
+
+def project_tokens(adapter: InstantCharacterAdapter, merged: torch.Tensor, sigma: float) -> torch.Tensor:
+    """The character tokens at ``sigma`` [1, tokens, token width], on ``merged``'s device."""
+    proj = adapter.image_proj
+    with torch.inference_mode():
+        t = torch.tensor([sigma * 1000.0], device=merged.device).to(merged.dtype)
+        return proj.tokens(merged, t)
+
+
+class _TokenSlot:
+    __slots__ = ("lock", "merged", "key", "tokens")
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.merged = self.key = self.tokens = None
+
+
+class TokenCache:
+    """The character tokens of one run: per character and adapter copy (hence per device), the merged features
+    and the latest sigma's tokens. The negative and positive passes of a step share them, so what stays on a
+    device between calls is one token set and the merged features per character: small, transient, inside
+    ComfyUI's inference reserve. Safe under concurrent calls: each slot computes under its own lock."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._slots: dict[tuple[int, int], _TokenSlot] = {}
+
+    def tokens(self, entry: CharacterEntry, adapter: InstantCharacterAdapter, sigma: float,
+               device: torch.device) -> torch.Tensor:
+        with self._lock:
+            slot = self._slots.setdefault((id(entry), id(adapter)), _TokenSlot())
         key = round(sigma, 6)
-        if self._tokens_key != key or self._tokens is None or self._tokens.device != device:
-            proj = self.adapter.image_proj
-            # ComfyUI loads (or partly loads) the adapter and its layers cast themselves to ``device``; nothing
-            # here moves a module, so its bookkeeping stays true
-            dtype = next(proj.parameters()).dtype
-            with torch.inference_mode():
-                if self._merged is None or self._merged.device != device:
-                    self._merged = proj.merge_features(*(t.to(device, dtype) for t in self.features.tensors()))
-                t = torch.tensor([sigma * 1000.0], device=device).to(dtype)
-                self._tokens = proj.tokens(self._merged, t)
-            self._tokens_key = key
-        return self._tokens
+        with slot.lock:
+            if slot.tokens is None or slot.key != key or slot.tokens.device != device:
+                if slot.merged is None or slot.merged.device != device:
+                    slot.merged = merge_reference(adapter, entry.features, device)
+                tokens = project_tokens(adapter, slot.merged, sigma)
+                if tokens.device.type != "meta" and not torch.isfinite(tokens).all():  # meta holds no values
+                    raise NonFiniteResultError(
+                        f"The character's tokens at sigma {sigma:.4g} are not finite numbers: its features are "
+                        "implausible (a damaged or edited character file?). Encode the reference again or load "
+                        "another character.")
+                slot.tokens, slot.key = tokens, key
+            return slot.tokens
 
-    def attention(self, layer_index: int, raw_query: torch.Tensor, sigma: float) -> torch.Tensor:
-        """This character's attention output for one FLUX layer (not yet weighted)."""
-        return self.adapter.ip_adapter[layer_index](raw_query, self._tokens_for(sigma, raw_query.device))
+    def held(self) -> list[torch.Tensor]:
+        """Every tensor the cache keeps (for tests and memory reports)."""
+        with self._lock:
+            slots = list(self._slots.values())
+        return [t for s in slots for t in (s.merged, s.tokens) if t is not None]
 
 
 class CharacterSet:
-    """Every character applied to one MODEL (Apply nodes in a row add up) and the model call in progress.
-
-    The node layer's wrappers set :attr:`call` around each model call and call :meth:`begin_run` /
-    :meth:`end_run` around each sampling run; the block patches read them.
-    """
+    """Every character applied to one MODEL (Apply nodes in a row add up). Never changed once made: a MODEL
+    patched again gets a new set."""
 
     def __init__(self, entries: tuple[CharacterEntry, ...] = ()):
         self.entries = tuple(entries)
-        self.call: CallState | None = None
-        self.model = None  # the diffusion model of the call in progress (its blocks get the hooks)
-        self._active: tuple = (None, [])
-        self.negative_uuids: frozenset = frozenset()
+        self.outside_runs = RunState(self)  # for model calls made outside a sampling run
 
     def with_entry(self, entry: CharacterEntry) -> "CharacterSet":
         return CharacterSet(self.entries + (entry,))
@@ -131,17 +160,19 @@ class CharacterSet:
         # ComfyUI 0.3.x deep-copies model options on clone(): the characters (adapters, features) are shared
         return self
 
-    def begin_run(self, percent_to_sigma: Callable[[float], float] | None, negative_uuids=()) -> None:
-        self.negative_uuids = frozenset(negative_uuids)
-        for entry in self.entries:
-            entry.reset()
-            if percent_to_sigma is not None:
-                entry.set_window(percent_to_sigma)
+    def run(self, percent_to_sigma: Callable[[float], float] | None = None, negative_uuids=()) -> "RunState":
+        return RunState(self, percent_to_sigma, negative_uuids)
 
-    def end_run(self) -> None:
-        self.negative_uuids = frozenset()
-        for entry in self.entries:
-            entry.reset()
+
+class RunState:
+    """One sampling run of a MODEL: fixed when the run starts, except the token cache (thread-safe)."""
+
+    def __init__(self, characters: CharacterSet, percent_to_sigma: Callable[[float], float] | None = None,
+                 negative_uuids=()):
+        self.characters = characters
+        self.windows = tuple(e.window(percent_to_sigma) for e in characters.entries)
+        self.negative_uuids = frozenset(negative_uuids)
+        self.tokens = TokenCache()
 
     def negative_rows(self, batch: int, cond_or_uncond, uuids) -> tuple[bool, ...]:
         """Which rows are the negative pass: by the negative conditioning's ids when the run told them (any
@@ -156,23 +187,69 @@ class CharacterSet:
         per = batch // len(chunks)
         return tuple(flag for flag in flags for _ in range(per))
 
-    def active(self, call: CallState) -> list[tuple[CharacterEntry, torch.Tensor]]:
-        """The characters acting in this call with their per-row weights (made once per call, on its device)."""
-        if self._active[0] is not call:
-            self._active = (call, [(e, w) for e in self.entries if (w := e.row_weights(call)) is not None])
-        return self._active[1]
+    def call(self, state: CallState, adapters: Sequence[InstantCharacterAdapter], model=None) -> "CharacterCall":
+        """What one model call asks of the characters; ``adapters``: the adapter copy of the call's device for
+        each entry, in order; ``model``: the diffusion model being called (its blocks get the hooks)."""
+        acting = []
+        for entry, adapter, (start, end) in zip(self.characters.entries, adapters, self.windows, strict=True):
+            if entry.weight == 0 or not end - 1e-6 <= state.sigma <= start + 1e-6:
+                continue
+            rows = tuple(0.0 if negative and not entry.on_negative else entry.weight
+                         for negative in state.negative_rows)
+            if any(rows):
+                acting.append(Acting(entry, adapter, rows))
+        return CharacterCall(self, state, tuple(acting), model)
 
-    def delta(self, layer_index: int, raw_query: torch.Tensor, call: CallState,
-              active: list[tuple[CharacterEntry, torch.Tensor]]) -> torch.Tensor:
-        """The sum of the active characters' attention for one layer, [B, generated tokens, hidden]: each
-        weighted per row and, where it has a region, per token."""
-        regions = share_overlaps([entry.region(call.grid) for entry, _ in active])
+
+@dataclass(frozen=True)
+class Acting:
+    """A character acting in one model call: the adapter copy it uses there and its weight per batch row."""
+
+    entry: CharacterEntry
+    adapter: InstantCharacterAdapter
+    rows: tuple[float, ...]
+
+
+class CharacterCall:
+    """One model call: made by the call, read by its blocks, written by nobody else."""
+
+    def __init__(self, run: RunState, state: CallState, acting: tuple[Acting, ...], model=None):
+        self.run, self.state, self.acting, self.model = run, state, acting, model
+        self.characters = run.characters
+        batch = len(state.negative_rows)
+        rows = [i for i in range(batch) if any(a.rows[i] for a in acting)]
+        # rows no character acts on are left out of the character attention altogether
+        self.rows = slice(None) if len(rows) == batch else torch.tensor(rows, device=state.device)
+        self._row_list = rows
+        self._scales = [torch.tensor([a.rows[i] for i in rows], device=state.device) for a in acting]
+        self._own_rows = [self._positions(a) for a in acting]
+
+    def _positions(self, acting: Acting) -> torch.Tensor | None:
+        """Where this character's rows lie among the call's acting rows (None: all of them)."""
+        own = [k for k, i in enumerate(self._row_list) if acting.rows[i]]
+        return None if len(own) == len(self._row_list) else torch.tensor(own, device=self.state.device)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.acting[0].adapter.hidden_size
+
+    def delta(self, layer_index: int, raw_query: torch.Tensor) -> torch.Tensor:
+        """The sum of the acting characters' attention for one layer, [acting rows, generated tokens, hidden]
+        (the rows of :attr:`rows`): each weighted per row and, where it has a region, per token. Keys and
+        values are projected once per character for all rows."""
+        if not isinstance(self.rows, slice):
+            raw_query = raw_query[self.rows]
+        regions = share_overlaps([a.entry.region(self.state.grid) for a in self.acting])
         total = None
-        for (entry, rows), region in zip(active, regions):
-            out = entry.attention(layer_index, raw_query, call.sigma)
-            scale = rows.to(out.dtype)[:, None, None]
+        for acting, scale, own, region in zip(self.acting, self._scales, self._own_rows, regions):
+            tokens = self.run.tokens.tokens(acting.entry, acting.adapter, self.state.sigma, raw_query.device)
+            query = raw_query if own is None else raw_query[own]
+            out = acting.adapter.ip_adapter[layer_index](query, tokens)
+            if own is not None:
+                out = out.new_zeros((raw_query.shape[0],) + out.shape[1:]).index_copy_(0, own, out)
+            weight = scale.to(out.dtype)[:, None, None]
             if region is not None:
-                scale = scale * region.to(out.device, out.dtype)[None, :, None]
-            out = out * scale
+                weight = weight * region.to(out.device, out.dtype)[None, :, None]
+            out = out * weight
             total = out if total is None else total + out
         return total

@@ -21,12 +21,12 @@ import numpy as np
 import torch
 
 from ..model.adapter import InstantCharacterAdapter, attach
-from ..reference.encoders import ReferenceFeatures
+from ..reference.encoders import FEATURE_LIMIT, ReferenceFeatures
 from ..cancel import cancel_points
-from ..errors import InputError
+from ..errors import InputError, NonFiniteResultError
 from .lora import StyleLoras
 from .memory import Placement
-from .regions import character_weights, characters_in
+from .regions import character_weights, characters_in, check_region_mask
 
 MAX_SIZE = 4096
 MAX_STEPS = 1000
@@ -117,6 +117,17 @@ class MemorySettings:
     def check(self) -> None:
         if self.vram_budget_gb is not None and not (math.isfinite(self.vram_budget_gb) and self.vram_budget_gb > 0):
             raise InputError(f"vram_budget_gb must be a positive number of GB, got {self.vram_budget_gb}.")
+        if self.device is None:
+            return
+        try:
+            device = torch.device(self.device)
+        except (RuntimeError, TypeError, ValueError) as err:
+            raise InputError(f"device {self.device!r} is not a torch device (e.g. 'cuda', 'cuda:1' or 'cpu').") from err
+        if device.type == "meta":  # moving the models there would drop their weights until they are loaded again
+            raise InputError("device 'meta' holds no data: the models would lose their weights. Use 'cuda' or 'cpu'.")
+        missing = not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()
+        if device.type == "cuda" and missing:
+            raise InputError(f"device {self.device!r} is not here ({torch.cuda.device_count()} CUDA device(s) found).")
 
 
 @dataclass
@@ -223,9 +234,10 @@ def _attach_character(transformer, adapter, settings: GenerationSettings, image_
 
 
 def _denoise(flux, settings: GenerationSettings, state: _Latents, prompts, attachment, characters,
-             step_callback, step_latents: bool) -> torch.Tensor:
+             step_callback, step_latents: bool, not_finite: Callable[[str], Exception]) -> torch.Tensor:
     """The flow-match Euler loop; the characters ((tokens per step, weight per image token) pairs) act on the
-    steps inside their window."""
+    steps inside their window. Latents that turn NaN or infinite stop the loop at that step (``not_finite`` makes
+    the error): one reduction per step, cheap next to the step itself."""
     transformer = flux.transformer
     (prompt_embeds, pooled, text_ids), neg = prompts
     latents, timesteps = state.latents, state.timesteps
@@ -240,14 +252,22 @@ def _denoise(flux, settings: GenerationSettings, state: _Latents, prompts, attac
                            pooled_projections=pooled_embeds, encoder_hidden_states=embeds,
                            txt_ids=text_ids, img_ids=state.image_ids, return_dict=False)[0]
 
+    # both passes of a step see the same character tokens: the negative one reuses the positive one's keys/values
+    share_keys_values = attachment is not None and neg is not None and settings.character_on_negative
     for i, t in enumerate(timesteps):
         timestep = t.expand(settings.batch_size).to(latents.dtype)
+        if share_keys_values:
+            attachment.context.kv_cache = {}
         noise_pred = predict(i, timestep, prompt_embeds, pooled, True)
         if neg is not None:
             neg_pred = predict(i, timestep, neg[0], neg[1], settings.character_on_negative)
             noise_pred = neg_pred + settings.true_cfg * (noise_pred - neg_pred)
+        if share_keys_values:
+            attachment.context.kv_cache = None
         before = latents
         latents = flux.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+        if not torch.isfinite(latents).all():
+            raise not_finite(f"The picture became NaN or infinite at step {i + 1} of {len(timesteps)}")
         if step_callback is None:
             continue
         if step_latents:
@@ -314,6 +334,9 @@ def generate(flux, adapter: InstantCharacterAdapter | None, features: ReferenceF
         if not all(torch.isfinite(t).all() for m in members for t in m.features.tensors()):
             raise InputError("The character's features hold NaN or infinite values: encode the reference again "
                              "(a picture or weight that was not finite?).")
+        for member in members:  # a region black everywhere: the Character Region node refuses it, so does the API
+            if member.mask is not None:
+                check_region_mask(member.mask)
         patch = 2 * flux.vae_scale_factor  # one generated token per 2×2 latent patch
         cast = character_weights(members, (settings.height // patch, settings.width // patch))
     if init_latents is not None and not torch.isfinite(torch.as_tensor(init_latents)).all():
@@ -351,6 +374,10 @@ def _generate(flux, adapter, cast, settings: GenerationSettings, memory: MemoryS
                           fp8=memory.fp8_storage)
     device = placement.device
 
+    def not_finite(what: str) -> NonFiniteResultError:
+        suspects = _implausible(settings, cast, init_latents, styles)
+        return NonFiniteResultError(f"{what}; nothing was written. {suspects}")
+
     attachment = None
     try:
         styles.apply()  # before placement.transformer() builds the streamer: the LoRA layers travel with their blocks
@@ -366,10 +393,13 @@ def _generate(flux, adapter, cast, settings: GenerationSettings, memory: MemoryS
             with placement.projector():
                 characters = [(character_tokens(adapter, member.features, state.timesteps, dtype).to(device),
                                None if weight is None else weight.to(device, dtype)) for member, weight in cast]
+            if not all(torch.isfinite(tokens).all() for tokens, _ in characters):
+                raise not_finite("The character tokens (the projector's output) are NaN or infinite")
             attachment = _attach_character(transformer, adapter, settings, state.image_seq_len)
             cancel_check()
         with placement.transformer(passes=len(state.timesteps) * cfg_passes), torch.inference_mode():
-            latents = _denoise(flux, settings, state, prompts, attachment, characters, step_callback, step_latents)
+            latents = _denoise(flux, settings, state, prompts, attachment, characters, step_callback, step_latents,
+                               not_finite)
     finally:
         if attachment is not None:
             attachment.detach()
@@ -387,6 +417,33 @@ def _generate(flux, adapter, cast, settings: GenerationSettings, memory: MemoryS
         "unpinned_bytes": placement.unpinned_bytes, "planned_bytes": placement.plan.total}
     return GenerationResult(images=images, latents=raw.float().cpu(), offload=placement.describe(),
                             bytes_streamed=streamed, decode=how, streaming=report)
+
+
+def _implausible(settings: GenerationSettings, cast, init_latents, styles: StyleLoras) -> str:
+    """Which inputs are far outside their plausible range, for the message of a run that turned NaN."""
+    found = []
+    for member, _ in cast:
+        largest = member.features.largest_value()
+        if not largest <= FEATURE_LIMIT:
+            found.append(f"the character's features (values up to {largest:.3g}; SigLIP and DINOv2 give at most a few "
+                         "thousand): encode the reference again, or use another character file")
+        if abs(member.strength) > 10:
+            found.append(f"a character region's strength ({member.strength:g}; the node offers 0–2)")
+    scales = {"subject_scale": settings.subject_scale, "double_blocks_weight": settings.double_blocks_weight,
+              "single_blocks_weight": settings.single_blocks_weight, "guidance": settings.guidance / 10}
+    if settings.true_cfg_runs:
+        scales["true_cfg"] = settings.true_cfg
+    found += [f"{name} ({getattr(settings, name):g})" for name, value in scales.items() if abs(value) > 10]
+    if init_latents is not None:
+        largest = float(torch.as_tensor(init_latents).abs().max())
+        if largest > 1e3:
+            found.append(f"the input LATENT (values up to {largest:.3g}; VAE latents stay within a few tens)")
+    found += [f"the style LoRA {lora.path.name} at strength {strength:g}" for lora, strength in styles.active
+              if abs(strength) > 10]
+    if found:
+        return "Implausible input: " + "; ".join(found) + "."
+    return ("No input is out of its range, so a model file is the likely cause: a damaged FLUX, adapter or style LoRA "
+            "file, or fp16 weights that overflow (load them as bf16).")
 
 
 def _noised_init(flux, init_latents, noise_packed, first_t, batch, lat_h, lat_w, denoise, device):
@@ -429,6 +486,11 @@ def decode_latents(flux, raw_latents: torch.Tensor, how: str = "batch",
                 cancel_check()
             z = z.to(p.device, p.dtype)
             decoded = _tiled_decode(vae, z, tile_latent) if how == "tiled" else vae.decode(z, return_dict=False)[0]
+            if not torch.isfinite(decoded).all():
+                raise NonFiniteResultError(
+                    f"The VAE decoded NaN or infinite pixels (from latents up to {float(z.abs().max()):.3g}); nothing "
+                    "was written. A damaged VAE file, fp16 VAE weights that overflow (load them as bf16), or an "
+                    "implausible input LATENT.")
             out.append((decoded.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu())
     return torch.cat(out)
 

@@ -12,6 +12,7 @@ combined (:class:`Characters`). Both paths read them through :func:`characters_i
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,15 @@ class RegionalCharacter:
     features: ReferenceFeatures
     mask: torch.Tensor | None = None
     strength: float = 1.0
+
+    def __post_init__(self):
+        try:
+            finite = math.isfinite(self.strength)
+        except TypeError:
+            finite = False
+        if not finite:  # ComfyUI's min/max check lets NaN through, and the API has none
+            raise InputError(f"A character region's strength must be a finite number (1 = as set on the sampler or "
+                             f"Apply), got {self.strength!r}.")
 
     def members(self) -> tuple["RegionalCharacter", ...]:
         return (self,)
@@ -85,6 +95,11 @@ def token_region(mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """``mask`` (a ComfyUI MASK: [H, W] or [1, H, W], 1 = the character's place) → weights [grid h · grid w]
     in 0–1, one per generated image token."""
     m = torch.as_tensor(mask).detach().float()
+    image = (m.ndim == 4 and m.shape[-1] in (1, 3, 4)) or (m.ndim == 3 and m.shape[0] != 1 and m.shape[-1] in (3, 4))
+    if image:  # ComfyUI's IMAGE is [B, H, W, C]; a picture on its own [H, W, C]
+        raise InputError(f"The character region got an IMAGE ({tuple(m.shape)}: {m.shape[-1]} colour channels), not a "
+                         "MASK: convert it with ComfyUI's Convert Image to Mask (ImageToMask), or draw the region as "
+                         "a mask (SolidMask, MaskComposite).")
     if m.ndim == 3:
         if m.shape[0] != 1:
             raise InputError(f"A character region is one mask; this MASK holds {m.shape[0]}. Use one mask (e.g. "

@@ -75,7 +75,10 @@ class ComfyServer:
         env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_DISABLE_TELEMETRY="1", **self.env)
         self._log = open(self.log_path, "w")
         self.process = subprocess.Popen(
+            # --base-directory: ComfyUI's own folders (custom_nodes, user, temp, models) in workdir, so the ComfyUI
+            # tree is only read, and need not have a custom_nodes folder (v0.33 lists it at start-up)
             [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+             "--base-directory", str(self.workdir),
              "--extra-model-paths-config", str(config), "--output-directory", str(self.output_dir),
              "--input-directory", str(self.input_dir), "--disable-auto-launch", *_front_end_args(), *self.args],
             cwd=comfyui_dir(), stdout=self._log, stderr=subprocess.STDOUT, env=env)

@@ -507,35 +507,36 @@ def test_the_window_follows_a_sampling_shift_placed_after_apply(pack, comfy, com
 
     class Guider:
         model_patcher = shifted
+        model_options = shifted.model_options
         conds = {"positive": [{"uuid": "p"}], "negative": [{"uuid": "n"}]}
 
+    guider = Guider()
     seen = {}
 
     class Executor:
-        class_obj = Guider()
+        class_obj = guider
 
         def __call__(self, *args, **kwargs):
-            entry = dit[("double_block", 0)].characters.entries[0]
-            characters = dit[("double_block", 0)].characters
-            seen.update(start=entry.sigma_start, end=entry.sigma_end, negative=characters.negative_uuids)
+            run = guider.model_options["transformer_options"][pack.RUN_KEY]
+            seen.update(window=run.windows[0], negative=run.negative_uuids)
             return "sampled"
 
-    dit = shifted.model_options["transformer_options"]["patches_replace"]["dit"]
     assert wrappers[0](Executor()) == "sampled"
-    assert seen["start"] == pytest.approx(sampling.percent_to_sigma(0.25))
-    assert seen["end"] == pytest.approx(sampling.percent_to_sigma(0.75))
+    assert seen["window"] == pytest.approx((sampling.percent_to_sigma(0.25), sampling.percent_to_sigma(0.75)))
     assert seen["negative"] == {"n"}  # the negative conditioning is told by its ids, not by its position
+    # the run's state lived in the run's own copy of the options: the MODEL's are as they were
+    assert guider.model_options is shifted.model_options and pack.RUN_KEY not in shifted.model_options[
+        "transformer_options"]
 
 
 def test_the_negative_pass_is_told_by_the_negative_conditioning_not_by_position(tiny_adapter, features):
     from instantcharacter.run.native import CharacterSet
 
-    characters = CharacterSet()
-    characters.begin_run(None, {"neg"})
+    run = CharacterSet().run(None, {"neg"})
     # DualCFGGuider batches [negative, middle, positive]: chunk index 0 is the negative one there
-    assert characters.negative_rows(6, [0, 1, 2], ["neg", "mid", "pos"]) == (True, True, False, False, False, False)
-    characters.end_run()
-    assert characters.negative_rows(4, [0, 1], ["a", "b"]) == (False, False, True, True)  # CFGGuider: 1 = uncond
+    assert run.negative_rows(6, [0, 1, 2], ["neg", "mid", "pos"]) == (True, True, False, False, False, False)
+    outside = CharacterSet().run()
+    assert outside.negative_rows(4, [0, 1], ["a", "b"]) == (False, False, True, True)  # CFGGuider: 1 = uncond
 
 
 def _unsupported_model_error():
@@ -577,3 +578,19 @@ def test_a_flux2_style_model_is_refused_at_apply(pack, comfy, tiny_flux, tiny_ad
     model = _comfy_twin(tiny_flux.transformer, torch.float32, comfy.ops.disable_weight_init, global_modulation=True)
     with pytest.raises(UnsupportedModelError, match="no per-block modulation"):
         _apply(_model_patcher(comfy, model), tiny_adapter, features)
+
+
+def test_implausible_features_stop_the_call_by_name_instead_of_a_nan_picture(pack, comfy_flux, tiny_flux,
+                                                                              tiny_adapter, features):
+    """Features far outside the encoders' range (an edited character file that got past its checks) make the
+    character's tokens NaN: the model call stops with a named error instead of returning a NaN picture."""
+    import dataclasses
+
+    from instantcharacter.run.native import CharacterEntry
+
+    huge = dataclasses.replace(features, **{k: getattr(features, k) * 1e30 for k in
+                                            ("low_res_shallow", "low_res_deep", "high_res_deep")})
+    x, ctx, pooled = _inputs(tiny_flux)
+    with pytest.raises(Exception, match="tokens at sigma 0.6 are not finite") as raised:
+        _comfy_call(comfy_flux, x, ctx, pooled, 0.6, _patches(pack, comfy_flux, [CharacterEntry(tiny_adapter, huge, 0.9)]))
+    assert type(raised.value).__name__ == "NonFiniteResultError"

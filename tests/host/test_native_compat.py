@@ -193,20 +193,22 @@ def _sample(model, tiny_flux, steps=8, cfg=2.0, side=8, callback=None):
 
 class _Counts:
     """How many model calls ran the FLUX blocks (a pre-hook on the first double block, which every computed
-    call runs once) and how many layer attentions the character computed (CharacterSet.delta, once per layer
+    call runs once) and how many layer attentions the character computed (CharacterCall.delta, once per layer
     and call in which it acts)."""
 
     def __init__(self, patched):
-        dit = patched.model_options["transformer_options"]["patches_replace"]["dit"]
-        self.characters = dit[("double_block", 0)].characters
+        import importlib
+
+        self.call_class = importlib.import_module("instantcharacter_pack_native.instantcharacter.run.native").CharacterCall
         self.block_runs = self.layer_deltas = 0
-        delta = self.characters.delta
+        delta = self.call_class.delta
 
-        def counting(*args, **kwargs):
+        def counting(call, *args, **kwargs):
             self.layer_deltas += 1
-            return delta(*args, **kwargs)
+            return delta(call, *args, **kwargs)
 
-        self.characters.delta = counting
+        self.original = delta
+        self.call_class.delta = counting
 
         def ran(module, args):
             self.block_runs += 1
@@ -220,7 +222,7 @@ class _Counts:
 
     def close(self):
         self.handle.remove()
-        self.characters.__dict__.pop("delta", None)
+        self.call_class.delta = self.original
 
 
 def _skipped(caplog):
@@ -280,7 +282,8 @@ def test_easycache_on_a_patched_model_samples_with_the_character(comfy, pack, ti
     assert runs * steps == full_runs * (steps - skipped)  # the skipped steps ran no block
     assert deltas == runs * layers  # the character acted in every call that ran, at every layer
     assert effect > 1e-3
-    assert counts.characters.call is None and counts.characters.model is None
+    # nothing of the runs is left behind: no call state in this thread, no run state in the MODEL's options
+    assert pack._CALL.get() is None and pack.RUN_KEY not in patched.model_options["transformer_options"]
 
 
 # --- 3. ComfyUI's TorchCompileModel on a patched MODEL -------------------------------------------------------

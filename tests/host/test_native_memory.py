@@ -130,7 +130,7 @@ def test_a_partial_load_is_counted_as_it_lies_and_the_character_moves_nothing(pa
     ComfyUI's back)."""
     import comfy.model_management as mm
 
-    from instantcharacter.run.native import CallState, CharacterEntry
+    from instantcharacter.run.native import CallState, CharacterEntry, CharacterSet
 
     adapter = fresh()
     _stand_in_gpu(monkeypatch, mm, META, 8 * 2**30, vram_state=mm.VRAMState.NO_VRAM)
@@ -148,13 +148,13 @@ def test_a_partial_load_is_counted_as_it_lies_and_the_character_moves_nothing(pa
         assert offloaded and all(m.comfy_cast_weights for m in offloaded)
         placement = {n: p.device.type for n, p in adapter.named_parameters()}
 
-        entry = CharacterEntry(adapter, features, 0.9)
-        call = CallState(sigma=0.6, negative_rows=(False, True), text_len=4, grid=(2, 3), image_tokens=6,
-                         device=META)
+        run = CharacterSet((CharacterEntry(adapter, features, 0.9),)).run()
+        call = run.call(CallState(sigma=0.6, negative_rows=(False, True), text_len=4, grid=(2, 3), image_tokens=6,
+                                  device=META), [adapter])
         hidden = adapter.hidden_size
         query = torch.empty(2, 6, hidden, device=META)
         for layer in range(adapter.num_layers):
-            out = entry.attention(layer, query, call.sigma)
+            out = call.delta(layer, query)
             assert out.shape == (2, 6, hidden) and out.device == META
         assert {n: p.device.type for n, p in adapter.named_parameters()} == placement
         assert patcher.loaded_size() == counted

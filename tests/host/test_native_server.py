@@ -62,9 +62,25 @@ def native_models(host_models, skeletons, tmp_path_factory):
     return root
 
 
+SECOND_DEVICE_PLUGIN = '''"""Test plugin: ComfyUI sees a second device, a CPU standing in for a second GPU (tensors on
+torch.device("cpu", 1) are plain CPU tensors; to ComfyUI's multi-GPU code it is another device)."""
+import torch
+
+import comfy.model_management
+
+comfy.model_management.get_all_torch_devices = lambda exclude_current=False: [torch.device("cpu"),
+                                                                               torch.device("cpu", 1)]
+NODE_CLASS_MAPPINGS = {}
+'''
+
+
 @pytest.fixture(scope="module")
 def native_server(native_models, tmp_path_factory):
+    """The server, with a second (stand-in) device for the MultiGPU CFG Split graph; graphs without ComfyUI's
+    multi-GPU nodes never use it."""
     workdir = tmp_path_factory.mktemp("comfyui_native")
+    (workdir / "custom_nodes").mkdir()
+    (workdir / "custom_nodes" / "standin_second_device.py").write_text(SECOND_DEVICE_PLUGIN)
     start = time.time()
     with ComfyServer(workdir, native_models, env={"HF_ENDPOINT": "http://127.0.0.1:9"}) as srv:
         print(f"\n[native server] started in {time.time() - start:.0f} s", flush=True)
@@ -219,3 +235,37 @@ def test_the_two_character_workflow_runs_and_each_character_acts(two_character_p
     print(f"\n[native server] two characters: the right one moves the picture by {right_acts:.3f}, "
           f"the left one by {left_acts:.3f} (of 255)")
     assert right_acts > 0 and left_acts > 0
+
+
+@pytest.fixture(scope="module")
+def split_pictures(native_server, object_info, skeletons, pictures):
+    """The shipped graph at CFG 2 (so the negative pass runs too), as shipped and with ComfyUI's MultiGPU CFG
+    Split between Apply and KSampler (the two passes on two devices at once), with the character and at
+    weight 0."""
+    if "MultiGPU_WorkUnits" not in object_info:
+        pytest.skip("this ComfyUI has no MultiGPU CFG Split (v0.22 and newer)")
+
+    def prompt(weight, split):
+        graph = _native_prompt(object_info, skeletons, weight=weight)
+        [sampler] = [k for k, n in graph.items() if n["class_type"] == "KSampler"]
+        graph[sampler]["inputs"]["cfg"] = 2.0
+        if split:
+            graph["900"] = {"class_type": "MultiGPU_WorkUnits",
+                            "inputs": {"model": graph[sampler]["inputs"]["model"], "max_gpus": 2}}
+            graph[sampler]["inputs"]["model"] = ["900", 0]
+        return graph
+
+    return {"one device": _run(native_server, prompt(None, False), "CFG 2, one device"),
+            "split": _run(native_server, prompt(None, True), "CFG 2, MultiGPU CFG Split"),
+            "split, weight 0": _run(native_server, prompt(0.0, True), "CFG 2, MultiGPU CFG Split, weight 0")}
+
+
+def test_the_native_workflow_through_multigpu_cfg_split_keeps_the_character(split_pictures, native_server):
+    one, split, off = (split_pictures[k] for k in ("one device", "split", "split, weight 0"))
+    acts = np.abs(split - off).mean()
+    same = np.abs(split - one).max()
+    print(f"\n[native server] CFG split: the character moves the picture by {acts:.3f} (of 255); split vs one "
+          f"device: max difference {same:.0f}")
+    assert acts > 0 and same <= 1  # float rounding of the split passes may move a pixel by one level
+    log = native_server.plain_log()
+    assert "Creating deepclone of InstantCharacterAdapter for cpu:1" in log  # the second device got its own

@@ -70,6 +70,19 @@ print(len(nodes), sorted(m for m in ("diffusers", "peft", "accelerate") if m in 
 """
 
 
+def test_the_template_browser_lists_and_serves_every_shipped_workflow(server):
+    """The README sends users to ComfyUI's template browser: it lists the pack's workflows under the pack's folder
+    name and serves each file."""
+    import urllib.request
+
+    shipped = sorted(path.stem for path in WORKFLOWS.glob("*.json"))
+    assert sorted(server.get("/workflow_templates")["ComfyUI-InstantCharacter"]) == shipped
+    for name in shipped:
+        with urllib.request.urlopen(f"{server.url}/api/workflow_templates/ComfyUI-InstantCharacter/{name}.json",
+                                    timeout=30) as response:
+            assert json.load(response) == json.loads((WORKFLOWS / f"{name}.json").read_text())
+
+
 def test_the_pack_loads_without_the_heavy_libraries(server):
     """ComfyUI imports every pack at start-up: ours must list its nodes without importing diffusers, PEFT or
     accelerate (they load when a node first runs)."""
