@@ -242,7 +242,7 @@ def cmd_doctor(args) -> int:
 def _add_storyboard_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("panels", type=Path, metavar="PANELS.txt",
                    help="one panel prompt per line (blank lines and lines starting with # are skipped)")
-    p.add_argument("--style", default="", help="added to every panel: 'TEXT' after each line, or 'TEXT {panel} "
+    p.add_argument("--style", default=None, help="added to every panel: 'TEXT' after each line, or 'TEXT {panel} "
                                               "TEXT' with the line in place of {panel}; default: none")
     p.add_argument("--candidates", type=int, default=4,
                    help="pictures drawn per panel; the one most like the character is kept")
@@ -303,7 +303,7 @@ def cmd_storyboard(args) -> int:
                                  panel_prompts, score_references)
 
     # everything the user typed is checked before any model is looked for, downloaded or loaded
-    prompts = panel_prompts(_read_panels(args.panels), args.style)
+    prompts = panel_prompts(_read_panels(args.panels), args.style or "")
     settings = GenerationSettings("", width=args.width, height=args.height, steps=args.steps, guidance=args.guidance,
                                   subject_scale=args.subject_scale)
     memory = MemorySettings(args.offload, args.vram_budget, args.fp8)
