@@ -165,8 +165,8 @@ def test_the_contact_sheet_shows_the_panels_in_order_in_a_grid(drawn):
     assert all(np.array_equal(cell, picture) for cell, picture in zip(_cells(sheet, 3, 2, 32), pictures))
     numbers = np.asarray(sheet.crop((4, 36, 36, 50)).convert("L"))
     assert numbers.min() < 100  # the caption band under panel 1 has text
-    big = contact_sheet([Image.new("RGB", (1024, 768), "red")] * 400)
-    assert max(big.size) <= 8192 + 8192 // 20
+    big = contact_sheet([Image.new("RGB", (600, 450), "red")] * 300)  # 18 columns: cells shrink to fit 8192
+    assert max(big.size) <= 8192 + 8192 // 20 and big.width > 18 * 400
 
 
 # --- the output folder ------------------------------------------------------------------------------------------
