@@ -277,3 +277,15 @@ def test_ray_is_never_imported_until_a_board_runs_on_it():
     out = subprocess.run([sys.executable, "-c", probe], cwd=Path(__file__).resolve().parents[1], capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr[-2000:]
+
+
+def test_the_throughput_benchmark_estimate_is_the_arithmetic_it_states():
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, str(root / "benchmarks" / "storyboard_throughput.py"), "--estimate-only"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    # 10,000 panels on 100 GPUs: 100 each × 4 candidates × 28 steps × 84 ms, plus 42.4 GB read at 2 GB/s once
+    assert "4 × 28 × 0.084 s = 9.4 s | 100 × 9.4 s + 21 s = 16.0 min" in out.stdout
