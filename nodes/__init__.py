@@ -13,12 +13,13 @@ from .native import ApplyToModel
 from .reference import BlendCharacters, EncodeReference
 from .regions import CharacterRegion, CombineCharacters
 from .sampler import Sampler
+from .storyboard import ContactSheet, Storyboard, StoryboardPanels
 
 folders.register()
 
 NODES = [LoadFlux, LoadFluxSingleFile, LoadImageEncoders, LoadAdapter, EncodeReference, BlendCharacters,
          CharacterRegion, CombineCharacters, SaveCharacter, LoadCharacter, StyleLora, Sampler, ConsistencyScore,
-         ApplyToModel]
+         ApplyToModel, Storyboard, StoryboardPanels, ContactSheet]
 
 
 class InstantCharacterExtension(ComfyExtension):

@@ -28,6 +28,7 @@ class InputSpec:
     options: list | None = None
     control_after_generate: bool = False
     tooltip: str | None = None
+    force_input: bool = False  # a socket only: the frontend stores no widget value for it
 
 
 @dataclass
@@ -38,15 +39,16 @@ class NodeSchema:
 
     def widgets(self) -> list[InputSpec]:
         """Widget inputs in the order the frontend stores their values: required, then optional."""
-        ws = [i for i in self.inputs if i.kind in WIDGET_KINDS]
+        ws = [i for i in self.inputs if i.kind in WIDGET_KINDS and not i.force_input]
         return [i for i in ws if not i.optional] + [i for i in ws if i.optional]
 
 
 def _kind(kind: str):
     class Input:
         def __init__(self, id, *args, optional=False, options=None, control_after_generate=False, tooltip=None,
-                     **kwargs):
-            self.spec = InputSpec(id, kind, optional, options, bool(control_after_generate), tooltip)
+                     force_input=False, **kwargs):
+            self.spec = InputSpec(id, kind, optional, options, bool(control_after_generate), tooltip,
+                                  bool(force_input))
 
     class Output:
         def __init__(self, *args, **kwargs):

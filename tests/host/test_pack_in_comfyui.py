@@ -33,7 +33,8 @@ RUN_FIRST = {"instantcharacter_load_character.json": "instantcharacter_save_char
 OUR_NODES = ["InstantCharacterLoadFlux", "InstantCharacterLoadImageEncoders", "InstantCharacterLoadAdapter",
              "InstantCharacterEncodeReference", "InstantCharacterBlendCharacters", "InstantCharacterStyleLora",
              "InstantCharacterSampler", "InstantCharacterConsistencyScore", "InstantCharacterCharacterRegion",
-             "InstantCharacterCombineCharacters", "InstantCharacterSaveCharacter", "InstantCharacterLoadCharacter"]
+             "InstantCharacterCombineCharacters", "InstantCharacterSaveCharacter", "InstantCharacterLoadCharacter",
+             "InstantCharacterStoryboard", "InstantCharacterStoryboardPanels", "InstantCharacterContactSheet"]
 # combos listing files on disk: what a user has differs from this test's tiny models
 FILE_CHOICES = {"image", "model", "siglip", "dinov2", "adapter", "lora_name", "unet_name", "clip_name1", "clip_name2",
                 "vae_name", "transformer", "clip_l", "t5", "vae", "character_file"}
