@@ -2,7 +2,6 @@
 once, damaged files. Each is refused with our error (or handled right),
 before any model moves, and the next normal run gives the same result as before."""
 
-import sys
 import threading
 import time
 from pathlib import Path
