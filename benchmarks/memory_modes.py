@@ -59,7 +59,7 @@ def modes(small: bool, transformer=None, adapter=None) -> list[Mode]:
     sizes, the budgets whose plans keep about as many blocks as 24 and 16 GiB keep of FLUX.1-dev (about 80 % and
     45 %), one that keeps all, and one that keeps none."""
     if small:
-        from instantcharacter.run.memory import ACTIVATION_RESERVE_GIB, partial_budgets, transformer_plan
+        from instantcharacter.run.offload.planner import ACTIVATION_RESERVE_GIB, partial_budgets, transformer_plan
 
         partial = partial_budgets(transformer, adapter)
 
@@ -178,7 +178,7 @@ def bandwidth(device) -> float | None:
     """Host→device bytes per second from page-locked memory (registered as the streamer registers its buffers)."""
     if device.type != "cuda":
         return None
-    from instantcharacter.run.streaming import host_buffer
+    from instantcharacter.run.offload.host_packs import host_buffer
 
     host, _ = host_buffer(GIB)
     if int(torch.cuda.cudart().cudaHostRegister(host.data_ptr(), host.numel(), 1)) != 0:
@@ -306,7 +306,7 @@ def encode_reference(encoders, device):
 
 
 def run(flux, adapter, features, mode: Mode, device, size, steps, text_len):
-    from instantcharacter.run.memory import watching_phases
+    from instantcharacter.run.offload.placement import watching_phases
     from instantcharacter.run.pipeline import GenerationSettings, MemorySettings, generate
 
     all_to_host(flux.transformer, flux.text_encoder, flux.text_encoder_2, flux.vae, adapter)  # "off" leaves them
@@ -385,8 +385,8 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         flux, adapter, encoders, text_len = build(args.small, device, dtype, Path(tmp))
-    from instantcharacter.run.memory import model_sizes
-    from instantcharacter.run.streaming import pinned_host_bytes
+    from instantcharacter.run.offload.planner import model_sizes
+    from instantcharacter.run.offload.host_packs import pinned_host_bytes
 
     sizes = model_sizes(flux, adapter)
     rows = modes(args.small, flux.transformer, adapter)

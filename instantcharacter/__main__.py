@@ -214,7 +214,7 @@ def _selftest(args) -> int:
 def cmd_doctor(args) -> int:
     import torch
 
-    from .run.memory import recommend_offload
+    from .run.offload.planner import recommend_offload
 
     print(f"python {sys.version.split()[0]}, torch {torch.__version__}")
     for lib in ("diffusers", "transformers", "huggingface_hub", "safetensors"):
@@ -297,7 +297,7 @@ def cmd_storyboard(args) -> int:
     from .files.encoders import load_reference_encoders
     from .files.storyboard_folder import BoardFolder
     from .reference.images import tensor_to_pil
-    from .run.memory import default_device
+    from .run.offload.placement import default_device
     from .run.pipeline import GenerationSettings, MemorySettings
     from .run.storyboard import (Board, board_identity, check_prompt_lengths, contact_sheet, encoders_on,
                                  panel_prompts, score_references)

@@ -6,7 +6,7 @@ import logging
 
 from comfy_api.latest import io
 
-from ..instantcharacter.run.memory import OFFLOAD_MODES
+from ..instantcharacter.run.offload.planner import OFFLOAD_MODES
 from .types import CATEGORY, Adapter, Character, Flux
 
 OOM_HINT = ("Out of GPU memory. Set the sampler's offload to 'budget' with a lower vram_budget_gb (transformer "

@@ -7,7 +7,7 @@ import logging
 
 from comfy_api.latest import io
 
-from ..instantcharacter.run.memory import OFFLOAD_MODES
+from ..instantcharacter.run.offload.planner import OFFLOAD_MODES
 from ..instantcharacter.run.storyboard import MAX_CANDIDATES, MAX_PANELS_IN_MEMORY
 from .devices import encoders_on_device
 from .sampler import OOM_HINT, live_previewer

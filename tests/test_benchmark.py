@@ -49,7 +49,7 @@ def test_full_size_plans_count_what_lives_on_the_device():
     from diffusers import FluxTransformer2DModel
 
     from instantcharacter.model.adapter import InstantCharacterAdapter
-    from instantcharacter.run.memory import GIB, PUBLISHED_SIZES, transformer_plan
+    from instantcharacter.run.offload.planner import GIB, PUBLISHED_SIZES, transformer_plan
 
     cfg = bench.configs(small=False)
     with torch.device("meta"):

@@ -169,7 +169,8 @@ def _generate(flux, adapter=None, features=None, **kw):
 def _streaming_budget(flux):
     """A VRAM budget (GiB), from the tiny transformer's block sizes, that keeps some blocks resident and streams
     the rest."""
-    from instantcharacter.run.memory import Placement, partial_budgets
+    from instantcharacter.run.offload.placement import Placement
+    from instantcharacter.run.offload.planner import partial_budgets
 
     budget, resident = partial_budgets(flux.transformer, None)[0]
     placement = Placement(flux, None, "budget", "cpu", budget_gb=budget)
@@ -325,7 +326,7 @@ def test_foreign_adapters_are_refused(tiny_flux, lora_files):
 
 def test_lora_layers_travel_with_their_blocks(tiny_flux, lora_files, modes):
     """Applied before the streamer is built, the LoRA weights are streamed (and stored) with their block's."""
-    from instantcharacter.run.memory import Placement
+    from instantcharacter.run.offload.placement import Placement
 
     t = tiny_flux.transformer
     _generate(tiny_flux, **modes["budget"])  # the first streamed run moves the weights into flat host buffers

@@ -5,9 +5,10 @@ import pytest
 import torch
 from PIL import Image
 
-from instantcharacter.run import streaming
-from instantcharacter.run.memory import GIB, Placement, choose_offload, partial_budgets, watching_phases
-from instantcharacter.run.streaming import BlockStreamer, module_bytes, plan_residency
+from instantcharacter.run.offload import host_packs as streaming
+from instantcharacter.run.offload.placement import Placement, watching_phases
+from instantcharacter.run.offload.planner import GIB, choose_offload, module_bytes, partial_budgets, plan_residency
+from instantcharacter.run.offload.streamer import BlockStreamer
 from generation import run as run_generation
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
@@ -248,7 +249,7 @@ def test_cuda_decode_starts_with_the_transformer_gone(tiny_flux, tiny_adapter, f
 
 
 def test_decode_plan_follows_the_budget(tiny_flux, tiny_adapter):
-    from instantcharacter.run.memory import vae_decode_bytes
+    from instantcharacter.run.offload.planner import vae_decode_bytes
 
     one_image = vae_decode_bytes(128, 128, torch.bfloat16)  # 1024²: ComfyUI's estimate, ≈ 4.3 GiB
     assert 4 * GIB < one_image < 5 * GIB

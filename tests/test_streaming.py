@@ -9,8 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from instantcharacter.run import streaming
-from instantcharacter.run.streaming import ALIGN, BlockStreamer, host_pack, make_layout
+from instantcharacter.run.offload import host_packs as streaming
+from instantcharacter.run.offload.host_packs import host_pack
+from instantcharacter.run.offload.layout import ALIGN, make_layout
+from instantcharacter.run.offload.streamer import BlockStreamer
 
 FP8 = torch.float8_e4m3fn
 CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),

@@ -25,7 +25,7 @@ from ..reference.encoders import FEATURE_LIMIT, ReferenceFeatures
 from ..cancel import cancel_points
 from ..errors import InputError, NonFiniteResultError
 from .lora import StyleLoras
-from .memory import Placement
+from .offload.placement import Placement
 from .regions import character_weights, characters_in, check_region_mask
 
 MAX_SIZE = 4096

@@ -29,7 +29,7 @@ from PIL import Image, ImageDraw, ImageFont
 from ..errors import InputError
 from ..reference.consistency import ConsistencyScores, consistency_scores
 from ..reference.images import FIT_MODES, tensor_to_pil
-from .memory import default_device
+from .offload.placement import default_device
 from .pipeline import MAX_SEED, GenerationSettings, MemorySettings, generate
 from .regions import plain_features
 
