@@ -223,12 +223,13 @@ def cmd_doctor(args) -> int:
             print(f"{lib} {module.__version__}")
         except ImportError:
             print(f"{lib}: NOT INSTALLED (run install.py)")
+    free = None
     if torch.cuda.is_available():
         free, total = torch.cuda.mem_get_info()
         print(f"GPU: {torch.cuda.get_device_name(0)}, {total / 2**30:.1f} GiB total, {free / 2**30:.1f} GiB free")
     else:
         print("GPU: none found (CUDA unavailable); generation would run on the CPU, very slowly")
-    mode, why = recommend_offload()
+    mode, why = recommend_offload(free)
     print(f"recommended offload: {mode} ({why})")
     models_dir = args.models_dir or default_models_dir()
     print(f"models folder: {models_dir.resolve()}")

@@ -37,3 +37,20 @@ def tiny_adapter(tiny_models):
     from instantcharacter.files.adapter_file import load_adapter
 
     return load_adapter(tiny_models["adapter"], dtype=torch.float32)
+
+
+@pytest.fixture
+def pack_builds(monkeypatch):
+    """How many host packs of each kind ("view": the weights re-homed; "copy": an fp8 copy) this test built: the
+    packs' constructor, counted (a second build of a kept pack is a re-quantization)."""
+    from instantcharacter.run.offload.host_packs import HostPack
+
+    counts = {"view": 0, "copy": 0}
+    build = HostPack.__init__
+
+    def counting(self, params, layout, kind):
+        counts[kind] += 1
+        build(self, params, layout, kind)
+
+    monkeypatch.setattr(HostPack, "__init__", counting)
+    return counts

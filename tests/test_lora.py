@@ -174,7 +174,7 @@ def _streaming_budget(flux):
 
     budget, resident = partial_budgets(flux.transformer, None)[0]
     placement = Placement(flux, None, "budget", "cpu", budget_gb=budget)
-    assert placement.residency() == resident and 0 < sum(resident) < len(resident)
+    assert placement.denoising_plan().resident == resident and 0 < sum(resident) < len(resident)
     placement.restore()
     return budget
 
@@ -335,7 +335,7 @@ def test_lora_layers_travel_with_their_blocks(tiny_flux, lora_files, modes):
     styles.apply()
     try:
         placement = Placement(tiny_flux, None, "budget", "cpu", budget_gb=modes["budget"]["vram_budget_gb"])
-        with placement.transformer():
+        with placement.denoising():
             blocks = [*t.transformer_blocks, *t.single_transformer_blocks]
             for block, group in zip(blocks, placement.streamer.groups, strict=True):
                 lora = {id(p) for name, p in block.named_parameters() if ".lora_" in name}

@@ -1,14 +1,17 @@
 """Placement and streaming logic. On the CPU the same hooks, flat buffers, views and copies run (the "device"
 buffers are CPU tensors); the CUDA tests (streams, events, page-locked memory) skip without a GPU."""
 
+import functools
+
 import pytest
 import torch
 from PIL import Image
 
-from instantcharacter.run.offload import host_packs as streaming
+from instantcharacter.run.offload import placement as placement_module
 from instantcharacter.run.offload.placement import Placement, watching_phases
 from instantcharacter.run.offload.planner import GIB, choose_offload, module_bytes, partial_budgets, plan_residency
 from instantcharacter.run.offload.streamer import BlockStreamer
+from instantcharacter.run.offload.streams import StreamProbes
 from generation import run as run_generation
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
@@ -75,12 +78,12 @@ def _some_streaming_budget(flux, adapter, fp8=False):
     """A budget (GiB) from the twin's group sizes at which some blocks stay and the others stream."""
     budget, resident = partial_budgets(flux.transformer, adapter, fp8)[0]
     placement = Placement(flux, adapter, "budget", "cpu", budget_gb=budget, fp8=fp8)
-    assert placement.residency() == resident and 0 < sum(resident) < len(resident)
+    assert placement.denoising_plan().resident == resident and 0 < sum(resident) < len(resident)
     placement.restore()
     return budget
 
 
-def test_budget_streams_some_blocks_and_matches_off(tiny_flux, tiny_adapter, features):
+def test_budget_streams_some_blocks_and_matches_off(tiny_flux, tiny_adapter, features, pack_builds):
     reference = _run(tiny_flux, tiny_adapter, features, offload="off")
     budget = _some_streaming_budget(tiny_flux, tiny_adapter)
     snapshot = _snapshot(tiny_flux, tiny_adapter)
@@ -90,16 +93,16 @@ def test_budget_streams_some_blocks_and_matches_off(tiny_flux, tiny_adapter, fea
     assert _unchanged(snapshot, same_storage=False)  # the first streamed run moved them into flat buffers
     assert not any(m._forward_pre_hooks or m._forward_hooks for m in tiny_flux.transformer.modules())
     placement = Placement(tiny_flux, tiny_adapter, "budget", "cpu", budget_gb=budget)
-    plan = placement.transformer_plan()
+    plan = placement.denoising_plan()
     placement.restore()
     assert out.bytes_streamed == 2 * plan.streamed_per_pass > 0  # one copy per streamed part per step, no more
     assert out.streaming["buffers_per_size"] == 2 and out.streaming["planned_bytes"] == plan.total
     assert f"{sum(plan.resident)}/{len(plan.resident)} blocks resident" in out.offload
     # where they stay: a second run copies nothing on the host and leaves every weight in place
     snapshot = _snapshot(tiny_flux, tiny_adapter)
-    built = dict(streaming.builds)
+    built = dict(pack_builds)
     assert torch.equal(_run(tiny_flux, tiny_adapter, features, offload="budget", vram_budget_gb=budget), reference)
-    assert _unchanged(snapshot) and streaming.builds == built
+    assert _unchanged(snapshot) and pack_builds == built
 
 
 def test_sequential_and_auto_match_off(tiny_flux, tiny_adapter, features):
@@ -125,11 +128,11 @@ def test_fp8_storage_is_close_and_leaves_weights_exact(tiny_flux, tiny_adapter, 
     assert rel < 0.1, rel
 
 
-def test_fp8_copies_are_made_once_per_model(tiny_flux, tiny_adapter, features):
+def test_fp8_copies_are_made_once_per_model(tiny_flux, tiny_adapter, features, pack_builds):
     first = _run(tiny_flux, tiny_adapter, features, offload="sequential", fp8_storage=True)
-    built = streaming.builds["copy"]
+    built = pack_builds["copy"]
     again = _run(tiny_flux, tiny_adapter, features, offload="budget", vram_budget_gb=3.0, fp8_storage=True)
-    assert streaming.builds["copy"] == built  # no re-quantization on the second call
+    assert pack_builds["copy"] == built  # no re-quantization on the second call
     assert torch.equal(first, again)
 
 
@@ -181,7 +184,7 @@ def test_streamer_materializes_only_around_use():
 def test_the_transformer_phase_releases_its_device_copies_before_decode(tiny_flux, tiny_adapter):
     budget = _some_streaming_budget(tiny_flux, tiny_adapter)
     placement = Placement(tiny_flux, tiny_adapter, "budget", "cpu", budget_gb=budget)
-    with placement.transformer(passes=1):
+    with placement.denoising(passes=1):
         parts = [part for g in placement.streamer.groups for part in g.parts]
         assert any(part.resident is not None for part in parts)  # the kept blocks' device copies
         assert all(p.data_ptr() == t.data_ptr() for part in parts if part.resident is not None
@@ -219,7 +222,8 @@ def test_cuda_sleeping_streams_give_the_same_latents(tiny_flux, tiny_adapter, fe
     budget = _some_streaming_budget(tiny_flux, tiny_adapter)
     reference = _run(tiny_flux, tiny_adapter, features, offload="off", device="cuda")
     t = tiny_flux.transformer
-    monkeypatch.setattr(BlockStreamer, "copy_delay_cycles", 5_000_000)
+    delayed = functools.partial(BlockStreamer, probes=StreamProbes(copy_delay_cycles=5_000_000))
+    monkeypatch.setattr(placement_module, "BlockStreamer", delayed)  # every streamer of the run
     slow = [b.register_forward_pre_hook(lambda m, a: torch.cuda._sleep(5_000_000))
             for b in list(t.transformer_blocks) + list(t.single_transformer_blocks)]
     try:
@@ -305,13 +309,13 @@ def test_t5_streams_when_it_does_not_fit_and_gives_the_same_embeddings(tiny_flux
         # a budget below T5's size: the blocks get streaming hooks (the probe sees ours too)
         for mode, budget in (("budget", 0.01), ("sequential", None)):
             placement = Placement(tiny_flux, tiny_adapter, mode, "cpu", budget_gb=budget)
-            with placement.text_encoders():
+            with placement.encoding_prompts():
                 got = _encode_prompts(tiny_flux, settings, "cpu")[0]
             placement.restore()
             for a, b in zip(got, reference):
                 assert torch.equal(a, b)
         big = Placement(tiny_flux, tiny_adapter, "budget", "cpu", budget_gb=40.0)  # fits: T5 visits whole
-        with big.text_encoders():
+        with big.encoding_prompts():
             _encode_prompts(tiny_flux, GenerationSettings("a girl", max_sequence_length=32), "cpu")
     finally:
         probe.remove()

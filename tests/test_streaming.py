@@ -9,10 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from instantcharacter.run.offload import host_packs as streaming
+from instantcharacter.run.offload import host_packs
 from instantcharacter.run.offload.host_packs import host_pack
 from instantcharacter.run.offload.layout import ALIGN, make_layout
 from instantcharacter.run.offload.streamer import BlockStreamer
+from instantcharacter.run.offload.streams import StreamProbes
 
 FP8 = torch.float8_e4m3fn
 CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
@@ -125,35 +126,33 @@ def test_layout_aligns_every_tensor_and_puts_the_cast_ones_first():
     assert fp8.nbytes == 4 * ALIGN
 
 
-def test_a_view_pack_rehomes_the_weights_once_and_follows_them():
+def test_a_view_pack_rehomes_the_weights_once_and_follows_them(pack_builds):
     blocks, extras = chain()
     module = blocks[0]
     params = list(module.parameters())
     before = snapshot(params)
-    built = streaming.builds["view"]
     pack = host_pack(module, params, None, torch.float32)
-    assert streaming.builds["view"] == built + 1 and unchanged(before)
+    assert pack_builds["view"] == 1 and unchanged(before)
     start, end = pack.flat.data_ptr(), pack.flat.data_ptr() + pack.flat.numel()
     assert all(start <= p.data_ptr() < end for p in params)  # the parameters are views of one flat buffer
-    assert pack.flat.data_ptr() % streaming.PAGE == 0 and pack.flat.numel() - pack.layout.nbytes < streaming.PAGE
-    assert host_pack(module, params, None, torch.float32) is pack and streaming.builds["view"] == built + 1
+    assert pack.flat.data_ptr() % host_packs.PAGE == 0 and pack.flat.numel() - pack.layout.nbytes < host_packs.PAGE
+    assert host_pack(module, params, None, torch.float32) is pack and pack_builds["view"] == 1
     module.to(torch.float64).to(torch.float32)  # the weights moved out of the buffer ...
     gc.collect()
     assert not pack.alive  # ... which is gone with them (no host copy left behind, e.g. after "off")
     again = host_pack(module, list(module.parameters()), None, torch.float32)
-    assert again is not pack and streaming.builds["view"] == built + 2 and unchanged(before)
+    assert again is not pack and pack_builds["view"] == 2 and unchanged(before)
 
 
-def test_fp8_copies_are_made_once_and_again_when_the_weights_change():
+def test_fp8_copies_are_made_once_and_again_when_the_weights_change(pack_builds):
     blocks, extras = chain()
-    built = streaming.builds["copy"]
     for _ in range(2):
         BlockStreamer(blocks, extras, torch.device("cpu"), [False] * 6, torch.float32, FP8).close()
-    assert streaming.builds["copy"] == built + 12  # 6 blocks + 6 layers, once
+    assert pack_builds["copy"] == 12  # 6 blocks + 6 layers, once
     with torch.no_grad():
         blocks[2].layers[0].weight.add_(1.0)  # an in-place change: that block's fp8 copy is out of date
     BlockStreamer(blocks, extras, torch.device("cpu"), [False] * 6, torch.float32, FP8).close()
-    assert streaming.builds["copy"] == built + 13
+    assert pack_builds["copy"] == 13
 
 
 def _fp8_rounded(blocks, extras):
@@ -184,7 +183,7 @@ def test_streamed_chain_equals_resident_with_two_buffers_per_size(device, prefet
     before = snapshot(params)
     trace = []
     streamer = BlockStreamer(blocks, extras, torch.device(device), resident, torch.float32, FP8 if fp8 else None,
-                             prefetch=prefetch, passes=3, trace=trace)
+                             prefetch=prefetch, passes=3, probes=StreamProbes(trace))
     try:
         got = run_chain(blocks, x.to(device), passes=3)
     finally:
@@ -202,14 +201,14 @@ def test_streamed_chain_equals_resident_with_two_buffers_per_size(device, prefet
     assert sorted(allocs) == sorted(frees) and trace.index(("sync", "host", None)) < len(trace) - len(frees)
 
 
-def test_a_second_streamed_run_keeps_the_weights_where_the_first_put_them():
+def test_a_second_streamed_run_keeps_the_weights_where_the_first_put_them(pack_builds):
     blocks, extras = chain()
     BlockStreamer(blocks, extras, torch.device("cpu"), [False] * 6, torch.float32).close()
     params = weights(blocks, extras)
     where = [p.data_ptr() for p in params]
-    built = streaming.builds["view"]
+    built = pack_builds["view"]
     BlockStreamer(blocks, extras, torch.device("cpu"), [True, False] * 3, torch.float32).close()
-    assert [p.data_ptr() for p in params] == where and streaming.builds["view"] == built
+    assert [p.data_ptr() for p in params] == where and pack_builds["view"] == built
 
 
 def test_the_order_checker_finds_a_missing_wait():
@@ -217,7 +216,8 @@ def test_the_order_checker_finds_a_missing_wait():
     reports the race."""
     blocks, extras = chain()
     trace = []
-    streamer = BlockStreamer(blocks, extras, torch.device("cpu"), [False] * 6, torch.float32, passes=2, trace=trace)
+    streamer = BlockStreamer(blocks, extras, torch.device("cpu"), [False] * 6, torch.float32, passes=2,
+                             probes=StreamProbes(trace))
     run_chain(blocks, torch.randn(2, 32), passes=2)
     streamer.close()
     assert check_order(trace) == []
@@ -230,7 +230,8 @@ def test_the_order_checker_finds_a_missing_wait():
         assert sum(races) > len(races) / 2, (waiter, recorder, races)
     # a run whose last prefetch is never used (passes unknown): only the synchronize orders its copy before the free
     trace = []
-    streamer = BlockStreamer(blocks, extras, torch.device("cpu"), [False] * 6, torch.float32, trace=trace)
+    streamer = BlockStreamer(blocks, extras, torch.device("cpu"), [False] * 6, torch.float32,
+                             probes=StreamProbes(trace))
     run_chain(blocks, torch.randn(2, 32), passes=2)
     streamer.close()
     assert check_order(trace) == []
@@ -251,7 +252,7 @@ def test_an_exception_inside_a_block_leaves_nothing_behind(device):
     probe = blocks[2].layers.register_forward_pre_hook(fail_in_the_second_pass)
     trace = []
     streamer = BlockStreamer(blocks, extras, torch.device(device), [False] * 6, torch.float32, FP8, passes=3,
-                             trace=trace)
+                             probes=StreamProbes(trace))
     try:
         with pytest.raises(KeyboardInterrupt):
             run_chain(blocks, torch.randn(2, 32, device=device), passes=3)
@@ -278,7 +279,8 @@ def test_blocks_run_in_another_order_still_get_their_own_weights(device):
             expected = blocks[i](expected)
     to(blocks, "cpu")
     trace = []
-    streamer = BlockStreamer(blocks, extras, torch.device(device), [False] * 6, torch.float32, trace=trace)
+    streamer = BlockStreamer(blocks, extras, torch.device(device), [False] * 6, torch.float32,
+                             probes=StreamProbes(trace))
     try:
         with torch.inference_mode():
             got = x
@@ -304,10 +306,10 @@ def test_cuda_streamed_parts_are_page_locked_exactly():
     kept = [p.pack for g in streamer.groups for p in g.parts if not p.streamed]
     assert streamer.unpinned_bytes == 0 and all(p.flat.is_pinned() for p in streamed)
     assert not any(p.pinned for p in kept)
-    page = streaming.PAGE
+    page = host_packs.PAGE
     exact = sum(-(-p.layout.nbytes // page) * page for p in streamed)  # the streamed bytes, to the page
     assert streamer.pinned_bytes == sum(p.pinned_bytes for p in streamed) == exact
-    assert streaming.pinned_host_bytes() >= exact
+    assert host_packs.pinned_host_bytes() >= exact
     pack = streamer.groups[1].parts[0].pack
     del streamer, streamed, kept
     blocks[1].to(torch.float64)  # the block's weights leave their buffer: it is unregistered and freed
@@ -317,7 +319,7 @@ def test_cuda_streamed_parts_are_page_locked_exactly():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda._sleep on two streams)")
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
-def test_cuda_sleeping_streams_do_not_change_the_result_nor_the_memory(fp8, monkeypatch):
+def test_cuda_sleeping_streams_do_not_change_the_result_nor_the_memory(fp8):
     """Copies delayed on the copy stream (a missing wait for a copy reads stale weights) and compute delayed on the
     compute stream (a missing wait for a free buffer overwrites weights still in use; unbounded buffers grow the
     reserved memory while the host runs ahead): neither the result nor the peak reserved memory may move."""
@@ -328,12 +330,12 @@ def test_cuda_sleeping_streams_do_not_change_the_result_nor_the_memory(fp8, monk
     expected = run_chain(to(expect_blocks, "cuda"), x, passes=4)
     to(expect_blocks, "cpu")
 
-    def streamed_run(trace=None):
+    def streamed_run(probes=None):
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         streamer = BlockStreamer(blocks, extras, torch.device("cuda"), [False] * 8, torch.float32, storage,
-                                 passes=4, trace=trace)
+                                 passes=4, probes=probes)
         try:
             out = run_chain(blocks, x, passes=4)  # no synchronize between blocks: the host runs ahead
         finally:
@@ -341,11 +343,10 @@ def test_cuda_sleeping_streams_do_not_change_the_result_nor_the_memory(fp8, monk
         return out, streamer, torch.cuda.max_memory_reserved()
 
     calm, _, calm_reserved = streamed_run()
-    monkeypatch.setattr(BlockStreamer, "copy_delay_cycles", 2_000_000)
     slow = [b.register_forward_pre_hook(lambda m, a: torch.cuda._sleep(3_000_000)) for b in blocks]
     trace = []
     try:
-        got, streamer, reserved = streamed_run(trace)
+        got, streamer, reserved = streamed_run(StreamProbes(trace, copy_delay_cycles=2_000_000))
     finally:
         for h in slow:
             h.remove()

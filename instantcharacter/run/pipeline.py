@@ -26,6 +26,7 @@ from ..cancel import cancel_points
 from ..errors import InputError, NonFiniteResultError
 from .lora import StyleLoras
 from .offload.placement import Placement
+from .offload.planner import t5_blocks
 from .regions import character_weights, characters_in, check_region_mask
 
 MAX_SIZE = 4096
@@ -289,7 +290,7 @@ def _decode(flux, placement: Placement, raw: torch.Tensor, lat_h: int, lat_w: in
             cancel_check) -> tuple[torch.Tensor, str]:
     """Decode as the placement plans it; an out-of-memory error retries in tiles."""
     how = placement.decode_plan(lat_h, lat_w, flux.vae.dtype)
-    with placement.vae(), cancel_points([flux.vae.decoder], cancel_check):  # per image, and per tile when tiled
+    with placement.decoding(), cancel_points([flux.vae.decoder], cancel_check):  # per image, and per tile when tiled
         try:
             return decode_latents(flux, raw, how, cancel_check=cancel_check), how
         except torch.cuda.OutOfMemoryError:
@@ -380,24 +381,23 @@ def _generate(flux, adapter, cast, settings: GenerationSettings, memory: MemoryS
 
     attachment = None
     try:
-        styles.apply()  # before placement.transformer() builds the streamer: the LoRA layers travel with their blocks
+        styles.apply()  # before placement.denoising() builds the streamer: the LoRA layers travel with their blocks
         cancel_check()
-        t5_blocks = getattr(getattr(flux.text_encoder_2, "encoder", None), "block", [])
         cfg_passes = 2 if settings.true_cfg_runs else 1
-        with placement.text_encoders(passes=cfg_passes), cancel_points(t5_blocks, cancel_check):
+        with placement.encoding_prompts(passes=cfg_passes), cancel_points(t5_blocks(flux), cancel_check):
             prompts = _encode_prompts(flux, settings, device)
         cancel_check()
         state = _prepare_latents(flux, settings, init_latents, prompts[0][0].dtype, device)
         characters = []
         if adapter is not None:
-            with placement.projector():
+            with placement.projecting():
                 characters = [(character_tokens(adapter, member.features, state.timesteps, dtype).to(device),
                                None if weight is None else weight.to(device, dtype)) for member, weight in cast]
             if not all(torch.isfinite(tokens).all() for tokens, _ in characters):
                 raise not_finite("The character tokens (the projector's output) are NaN or infinite")
             attachment = _attach_character(transformer, adapter, settings, state.image_seq_len)
             cancel_check()
-        with placement.transformer(passes=len(state.timesteps) * cfg_passes), torch.inference_mode():
+        with placement.denoising(passes=len(state.timesteps) * cfg_passes), torch.inference_mode():
             latents = _denoise(flux, settings, state, prompts, attachment, characters, step_callback, step_latents,
                                not_finite)
     finally:

@@ -181,7 +181,6 @@ class HostPack:
 
 # Packs kept with their module (so with the cached model): {"view" or "fp8": HostPack}
 _PACKS: "weakref.WeakKeyDictionary[nn.Module, dict[str, HostPack]]" = weakref.WeakKeyDictionary()
-builds = {"view": 0, "copy": 0}  # packs built in this process (tests count re-quantizations with it)
 
 
 def host_pack(module: nn.Module, params: list[nn.Parameter], storage_dtype, compute_dtype) -> HostPack:
@@ -198,7 +197,6 @@ def host_pack(module: nn.Module, params: list[nn.Parameter], storage_dtype, comp
         del packs[key]  # the old buffer goes before the new one is made
         pack = None
     pack = packs[key] = HostPack(params, layout, kind)
-    builds[kind] += 1
     return pack
 
 

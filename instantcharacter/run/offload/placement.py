@@ -15,9 +15,8 @@ from typing import Callable
 import torch
 
 from ...files.checkpoint import FP8
-from .layout import group_layouts
-from .planner import (GIB, OFFLOAD_MODES, TEXT_MARGIN_GIB, Plan, choose_offload, model_sizes, module_bytes,
-                      plan_groups, transformer_groups, transformer_plan, vae_decode_bytes)
+from .planner import (GIB, OFFLOAD_MODES, Plan, choose_offload, decode_plan, model_sizes, outside_blocks, t5_blocks,
+                      text_encoder_plan, text_encoders, transformer_groups, transformer_plan)
 from .streamer import BlockStreamer
 
 
@@ -51,6 +50,10 @@ def _phase(name: str):
 
 
 class Placement:
+    """Where the models of one run live, phase by phase. Made per run (it moves the models to where its mode
+    starts them); its phases are context managers, entered in order: :meth:`encoding_prompts`, :meth:`projecting`,
+    :meth:`denoising`, :meth:`decoding`; :meth:`restore` undoes what a failed or cancelled run left."""
+
     def __init__(self, flux, adapter, mode: str = "auto", device=None, budget_gb: float | None = None,
                  fp8: bool = False):
         if mode not in OFFLOAD_MODES:
@@ -82,11 +85,11 @@ class Placement:
         else:
             # fp8 keeps the bf16 blocks on the host; the streamer puts fp8 copies on the device
             blocks, extras = self._groups()
-            streamed = set(map(id, blocks + [m for e in extras for m in e]))
+            grouped = blocks + [m for e in extras for m in e]
             for module in self._all_modules():
-                for sub in _leaves_outside(module, streamed):
+                for sub in _leaves_outside(module, set(map(id, grouped))):
                     sub.to(self.device)
-            for module in blocks + [m for e in extras for m in e]:
+            for module in grouped:
                 module.to(self.offload_device)
 
     def _auto(self):
@@ -129,32 +132,21 @@ class Placement:
 
     def text_plan(self) -> Plan | None:
         """T5's plan in this placement; None when T5 moves whole (or not at all)."""
-        t5 = self.flux.text_encoder_2
-        encoders = [m for m in (self.flux.text_encoder, t5) if m is not None]
-        blocks = list(getattr(getattr(t5, "encoder", None), "block", None) or [])
-        margin = int(TEXT_MARGIN_GIB * GIB)
-        fits = self.mode == "budget" and module_bytes(encoders) + margin <= self.budget_gb * GIB
-        if self.mode == "off" or not blocks or fits:
-            return None
-        rest = module_bytes(encoders) - module_bytes(blocks)
-        layouts = [group_layouts([b], None, None) for b in blocks]
-        budget = self.budget_gb * GIB if self.mode == "budget" else None
-        return plan_groups(layouts, self.mode, budget, rest, margin, prefetch=self.mode != "sequential")
+        return text_encoder_plan(self.flux, self.mode, self.budget_gb)
 
     @contextlib.contextmanager
-    def text_encoders(self, passes: int | None = 1):
-        """CLIP and T5 for the prompt encoding (``passes``: prompts encoded). T5-XXL alone is 9.5 GB in bf16,
-        more than small budgets hold: then its blocks stream like the transformer's (in ``sequential`` always,
-        one at a time)."""
+    def encoding_prompts(self, passes: int | None = 1):
+        """The prompt-encoding phase: CLIP and T5 on the device (``passes``: prompts encoded), T5's blocks
+        streamed when its plan says so (:meth:`text_plan`)."""
         t5 = self.flux.text_encoder_2
-        encoders = [m for m in (self.flux.text_encoder, t5) if m is not None]
+        encoders = text_encoders(self.flux)
         with _phase("text encoders"):
             plan = self.text_plan()
             if plan is None:
                 with self._visiting(*encoders):
                     yield
                 return
-            blocks = list(t5.encoder.block)
+            blocks = t5_blocks(self.flux)
             rest = [m for m in encoders if m is not t5] + list(_leaves_outside(t5, set(map(id, blocks))))
             try:
                 for m in rest:
@@ -172,27 +164,20 @@ class Placement:
                 self._release_cache()
 
     @contextlib.contextmanager
-    def projector(self):
+    def projecting(self):
+        """The projector phase: the projector on the device while the character tokens are computed."""
         with _phase("projector"), self._visiting(self.adapter.image_proj):
             yield
 
     @contextlib.contextmanager
-    def vae(self):
+    def decoding(self):
+        """The decode phase: the VAE on the device."""
         with _phase("decode"), self._visiting(*[m for m in (self.flux.vae,) if m is not None]):
             yield
 
     def decode_plan(self, latent_h: int, latent_w: int, dtype: torch.dtype) -> str:
-        """How the VAE decodes: ``batch`` (all images at once), ``per_image``, or ``tiled`` (per image, in
-        overlapping tiles). ``off`` is about speed; the offloading modes decode one image at a time, tiled
-        when the VAE and one image's decode would not fit the budget (always in ``sequential``). The transformer's
-        device copies are gone by then (the streamer releases them when the denoising phase ends)."""
-        if self.mode == "off":
-            return "batch"
-        if self.mode == "sequential":
-            return "tiled"
-        vae = self.flux.vae
-        need = (module_bytes([vae]) if vae is not None else 0) + vae_decode_bytes(latent_h, latent_w, dtype)
-        return "per_image" if need + GIB // 2 <= self.budget_gb * GIB else "tiled"
+        """How the VAE decodes in this placement (see :func:`.planner.decode_plan`)."""
+        return decode_plan(self.flux.vae, self.mode, self.budget_gb, latent_h, latent_w, dtype)
 
     @property
     def unpinned_bytes(self) -> int:
@@ -203,7 +188,7 @@ class Placement:
         """The mode in use, and why when ``auto`` chose it (for the log)."""
         text = self.mode
         if self.mode == "budget":
-            plan = self.plan or self.transformer_plan()
+            plan = self.plan or self.denoising_plan()
             resident = plan.resident
             text += (f" {self.budget_gb:.4g} GiB, {sum(resident)}/{len(resident)} blocks resident "
                      f"({plan.total / GIB:.2f} GiB planned")
@@ -216,16 +201,14 @@ class Placement:
     def _groups(self):
         return transformer_groups(self.flux.transformer, self.adapter)
 
-    def transformer_plan(self) -> Plan:
+    def denoising_plan(self) -> Plan:
+        """The denoising phase's plan in this placement (with the LoRA branches the transformer has now)."""
         return transformer_plan(self.flux.transformer, self.adapter, self.mode, self.budget_gb, self.fp8)
 
-    def residency(self) -> list[bool]:
-        """Which transformer blocks stay on the device in this run."""
-        return self.transformer_plan().resident
-
     @contextlib.contextmanager
-    def transformer(self, passes: int | None = None):
-        """The denoising phase; ``passes``: how many times the transformer runs (steps × CFG passes)."""
+    def denoising(self, passes: int | None = None):
+        """The denoising phase: the transformer's blocks kept or streamed as :meth:`denoising_plan` says;
+        ``passes``: how many times the transformer runs (steps × CFG passes)."""
         t = self.flux.transformer
         blocks, extras = self._groups()
         if self.mode == "off" and not self.fp8:
@@ -234,10 +217,9 @@ class Placement:
             return
         with _phase("denoising"):
             try:
-                for name, m in t.named_children():
-                    if name not in ("transformer_blocks", "single_transformer_blocks"):
-                        m.to(self.device)
-                self.plan = self.transformer_plan()  # with this run's LoRA branches
+                for m in outside_blocks(t):
+                    m.to(self.device)
+                self.plan = self.denoising_plan()  # with this run's LoRA branches
                 self.streamer = BlockStreamer(blocks, extras, self.device, self.plan.resident,
                                               compute_dtype=t.dtype, storage_dtype=FP8 if self.fp8 else None,
                                               prefetch=self.mode != "sequential", passes=passes,

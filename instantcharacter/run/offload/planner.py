@@ -33,6 +33,27 @@ TEXT_MARGIN_GIB = 0.5
 # streaming buffers when every block streams (two of a double block + its layer, two of a single + its layer).
 PUBLISHED_SIZES = {"blocks": int(23.8e9 + 2.87e9), "transformer_rest": int(0.2e9), "text_encoders": int(9.8e9),
                    "vae": int(0.17e9), "projector": int(2.72e9), "in_flight": int(2.03e9)}
+BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")  # the FLUX transformer's children that hold blocks
+
+
+def transformer_blocks(transformer) -> list:
+    """The FLUX transformer's blocks in running order: the double-stream ones, then the single-stream ones."""
+    return [block for name in BLOCK_LISTS for block in getattr(transformer, name)]
+
+
+def outside_blocks(transformer) -> list:
+    """The FLUX transformer's modules that are in no block (embedders, final norm and projection)."""
+    return [module for name, module in transformer.named_children() if name not in BLOCK_LISTS]
+
+
+def text_encoders(flux) -> list:
+    """CLIP and T5, those the pipeline has."""
+    return [m for m in (flux.text_encoder, flux.text_encoder_2) if m is not None]
+
+
+def t5_blocks(flux) -> list:
+    """T5's blocks (those that stream when T5 does not fit); none when the pipeline has no T5 built that way."""
+    return list(getattr(getattr(flux.text_encoder_2, "encoder", None), "block", None) or [])
 
 
 def module_bytes(modules, dtype: torch.dtype | None = None) -> int:
@@ -187,7 +208,7 @@ def plan_groups(layouts, mode: str, budget_bytes: float | None, fixed: int, rese
 
 def transformer_groups(transformer, adapter):
     """The transformer's blocks in running order, each with the character layer that runs inside it."""
-    blocks = list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
+    blocks = transformer_blocks(transformer)
     layers = list(adapter.ip_adapter) if adapter is not None else []
     extras = [[layers[i]] if i < len(layers) else [] for i in range(len(blocks))]
     return blocks, extras
@@ -197,10 +218,24 @@ def transformer_plan(transformer, adapter, mode: str, budget_gb: float | None, f
     """The residency plan of the denoising phase (works on ``meta`` models: the README's figures)."""
     blocks, extras = transformer_groups(transformer, adapter)
     layouts = [group_layouts([b, *e], FP8 if fp8 else None, transformer.dtype) for b, e in zip(blocks, extras)]
-    rest = module_bytes([m for n, m in transformer.named_children()
-                         if n not in ("transformer_blocks", "single_transformer_blocks")])
+    rest = module_bytes(outside_blocks(transformer))
     budget = None if budget_gb is None else budget_gb * GIB
     return plan_groups(layouts, mode, budget, rest, int(ACTIVATION_RESERVE_GIB * GIB), prefetch=mode != "sequential")
+
+
+def text_encoder_plan(flux, mode: str, budget_gb: float | None) -> Plan | None:
+    """T5's plan in the prompt-encoding phase; None when the text encoders move whole (or not at all). T5-XXL alone
+    is 9.5 GB in bf16, more than small budgets hold: then its blocks stream like the transformer's (in
+    ``sequential`` always, one at a time)."""
+    encoders, blocks = text_encoders(flux), t5_blocks(flux)
+    margin = int(TEXT_MARGIN_GIB * GIB)
+    fits = mode == "budget" and module_bytes(encoders) + margin <= budget_gb * GIB
+    if mode == "off" or not blocks or fits:
+        return None
+    rest = module_bytes(encoders) - module_bytes(blocks)
+    layouts = [group_layouts([b], None, None) for b in blocks]
+    budget = budget_gb * GIB if mode == "budget" else None
+    return plan_groups(layouts, mode, budget, rest, margin, prefetch=mode != "sequential")
 
 
 def partial_budgets(transformer, adapter, fp8: bool = False) -> list[tuple[float, list[bool]]]:
@@ -224,14 +259,12 @@ def model_sizes(flux, adapter, fp8: bool = False) -> dict[str, int]:
     transformer block streams."""
     t = flux.transformer
     store = FP8 if fp8 else None
-    blocks = list(t.transformer_blocks) + list(t.single_transformer_blocks)
     ip = list(adapter.ip_adapter) if adapter is not None else []
-    non_block = [m for n, m in t.named_children() if n not in ("transformer_blocks", "single_transformer_blocks")]
     streaming = transformer_plan(t, adapter, "budget", 0.0, fp8)
     return {
-        "blocks": module_bytes(blocks, store) + module_bytes(ip, store),
-        "transformer_rest": module_bytes(non_block),
-        "text_encoders": module_bytes([m for m in (flux.text_encoder, flux.text_encoder_2) if m is not None]),
+        "blocks": module_bytes(transformer_blocks(t), store) + module_bytes(ip, store),
+        "transformer_rest": module_bytes(outside_blocks(t)),
+        "text_encoders": module_bytes(text_encoders(flux)),
         "vae": module_bytes([flux.vae] if flux.vae is not None else []),
         "projector": module_bytes([adapter.image_proj]) if adapter is not None else 0,
         "in_flight": streaming.in_flight,
@@ -259,12 +292,24 @@ def vae_decode_bytes(latent_h: int, latent_w: int, dtype: torch.dtype) -> int:
     return 2178 * 64 * latent_h * latent_w * torch.empty((), dtype=dtype).element_size()
 
 
-def recommend_offload(free_bytes: int | None = None) -> tuple[str, str]:
-    """The offload mode for this machine and why (for ``doctor``; uses the published model sizes)."""
+def decode_plan(vae, mode: str, budget_gb: float | None, latent_h: int, latent_w: int, dtype: torch.dtype) -> str:
+    """How the VAE decodes: ``batch`` (all images at once), ``per_image``, or ``tiled`` (per image, in overlapping
+    tiles). ``off`` is about speed; the offloading modes decode one image at a time, tiled when the VAE and one
+    image's decode would not fit the budget (always in ``sequential``). The transformer's device copies are gone
+    by then (the streamer releases them when the denoising phase ends)."""
+    if mode == "off":
+        return "batch"
+    if mode == "sequential":
+        return "tiled"
+    need = (module_bytes([vae]) if vae is not None else 0) + vae_decode_bytes(latent_h, latent_w, dtype)
+    return "per_image" if need + GIB // 2 <= budget_gb * GIB else "tiled"
+
+
+def recommend_offload(free_bytes: int | None) -> tuple[str, str]:
+    """The offload mode for a machine with ``free_bytes`` of free VRAM (None: no CUDA GPU) and why, from the
+    published model sizes (for ``doctor``)."""
     if free_bytes is None:
-        if not torch.cuda.is_available():
-            return "off", "no CUDA GPU: everything runs on the CPU, nothing to offload"
-        free_bytes = torch.cuda.mem_get_info()[0]
+        return "off", "no CUDA GPU: everything runs on the CPU, nothing to offload"
     choice = choose_offload(free_bytes, PUBLISHED_SIZES)
     if choice.mode == "budget":
         return f"budget {choice.budget_gb:.0f} GiB", choice.reason

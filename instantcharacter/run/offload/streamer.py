@@ -24,7 +24,7 @@ from torch import nn
 from .host_packs import HostPack, host_pack
 from .layout import Layout, group_parts, make_layout, tensor_views
 from .planner import buffer_keys, buffer_limits
-from .streams import Streams
+from .streams import StreamProbes, Streams
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,8 @@ class _Group:
     materialized: bool = False
 
     @property
-    def needy(self) -> bool:
+    def materializes(self) -> bool:
+        """Whether its weights go into device buffers before its block runs (it streams, or it casts fp8)."""
         return any(p.streamed or p.casts for p in self.parts)
 
     @property
@@ -109,15 +110,14 @@ class _Group:
 class BlockStreamer:
     """Installs hooks on ``blocks`` (each with its extra modules) and undoes everything on ``close()``."""
 
-    copy_delay_cycles = 0  # tests: GPU cycles slept on the copy stream before each copy (stress of the waits)
-
     def __init__(self, blocks: list[nn.Module], extras: list[list[nn.Module]], device: torch.device,
                  resident: list[bool], compute_dtype: torch.dtype | None, storage_dtype: torch.dtype | None = None,
-                 prefetch: bool = True, passes: int | None = None, copy_stream=None, trace: list | None = None):
+                 prefetch: bool = True, passes: int | None = None, copy_stream=None,
+                 probes: StreamProbes | None = None):
         """``compute_dtype`` None: every weight keeps the dtype it is stored in. ``passes``: how many times the
         blocks run in this use (denoising steps, CFG passes); after each pass but the last the first group is
         prefetched for the next one (None: always). ``copy_stream``: the placement's side stream (one per
-        placement); made here when missing."""
+        placement); made here when missing. ``probes``: see :class:`~.streams.StreamProbes`."""
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.compute_dtype = compute_dtype
@@ -125,7 +125,8 @@ class BlockStreamer:
         self.prefetch = prefetch
         self.passes = passes
         self.passes_done = 0
-        self.streams = Streams(self.device, copy_stream, prefetch, trace)
+        self.probes = probes or StreamProbes()
+        self.streams = Streams(self.device, copy_stream, prefetch, self.probes.trace)
         self.bytes_moved = 0
         self.unpinned_bytes = 0
         self.pinned_bytes = 0
@@ -154,9 +155,9 @@ class BlockStreamer:
                         self.unpinned_bytes / 2**30)
         # the resident copies were queued on the compute stream; casts on the copy stream read them
         self.streams.wait("copy", self.streams.record("compute"))
-        self._needy = [i for i, g in enumerate(self.groups) if g.needy]
-        if self.prefetch and self._needy:
-            self._materialize(self.groups[self._needy[0]], must=False)
+        self._materializing = [i for i, g in enumerate(self.groups) if g.materializes]
+        if self.prefetch and self._materializing:
+            self._materialize(self.groups[self._materializing[0]], must=False)
 
     # -- setup
 
@@ -235,8 +236,8 @@ class BlockStreamer:
                 key, staging = next(queue)
                 part.held.append((key, staging))
                 self.streams.wait(on, staging.free_after)
-                if self.copy_delay_cycles and self.cuda:
-                    torch.cuda._sleep(self.copy_delay_cycles)
+                if self.probes.copy_delay_cycles and self.cuda:
+                    torch.cuda._sleep(self.probes.copy_delay_cycles)
                 staging.data.copy_(part.flat[:layout.nbytes], non_blocking=True)
                 self.streams.access("write", on, staging.data)
                 self.bytes_moved += layout.nbytes
@@ -283,17 +284,17 @@ class BlockStreamer:
                 self._release(group)
                 return
 
-    def _next_needy(self, i: int) -> int | None:
-        later = [j for j in self._needy if j > i]
+    def _next_to_materialize(self, i: int) -> int | None:
+        later = [j for j in self._materializing if j > i]
         if later:
             return later[0]
         more = self.passes is None or self.passes_done + 1 < self.passes
-        return self._needy[0] if more and self._needy else None
+        return self._materializing[0] if more and self._materializing else None
 
     def _before(self, i: int):
         def hook(module, args):
             group = self.groups[i]
-            if not group.needy:
+            if not group.materializes:
                 return
             self._running.add(i)
             if not group.materialized:
@@ -303,7 +304,7 @@ class BlockStreamer:
                 for _, buf in part.held:
                     self.streams.access("read", "compute", buf.data)
             if self.prefetch:
-                j = self._next_needy(i)
+                j = self._next_to_materialize(i)
                 if j is not None and j != i and not self.groups[j].materialized:
                     self._materialize(self.groups[j], must=False)
         return hook
@@ -311,7 +312,7 @@ class BlockStreamer:
     def _after(self, i: int):
         def hook(module, args, output):
             group = self.groups[i]
-            if group.needy:
+            if group.materializes:
                 self._release(group)
                 self._running.discard(i)
             if i == len(self.groups) - 1:

@@ -1,19 +1,30 @@
 """The two streams a block streamer orders its work on: the compute stream (the caller's current one) and a side
 copy stream, with the events between them; on the CPU, where there are neither, the record of what would be
-recorded and waited on (``trace``)."""
+recorded and waited on (a :class:`StreamProbes` trace)."""
 
 from __future__ import annotations
 
 import contextlib
 import itertools
+from dataclasses import dataclass
 
 import torch
 
 
+@dataclass
+class StreamProbes:
+    """What a check of a streamer's synchronisation plugs into it (a normal run has none). ``trace``, when a list,
+    receives every access, record, wait and free in issue order, as ``(op, stream, key)``, to be replayed under
+    CUDA's ordering rules; ``copy_delay_cycles``: GPU cycles slept on the copy stream before each copy (CUDA
+    only), so that a missing wait for a copy reads stale weights."""
+
+    trace: list | None = None
+    copy_delay_cycles: int = 0
+
+
 class Streams:
     """The compute stream (the caller's current one) and the copy stream. Copies run on the copy stream when
-    there is one (prefetch), else on the compute stream. ``trace``, when a list, receives every access, record,
-    wait and free in issue order, as ``(op, stream, key)``: what a test checks the ordering with."""
+    there is one (prefetch), else on the compute stream. ``trace``: see :class:`StreamProbes`."""
 
     def __init__(self, device: torch.device, copy_stream, prefetch: bool, trace: list | None):
         self.device = device
