@@ -131,7 +131,7 @@ def adapter_model(sizes: dict, dtype, device, seed: int = 1):
 
 
 def random_features(adapter, device, dtype):
-    from instantcharacter.reference.encoders import ReferenceFeatures
+    from instantcharacter.reference.character import ReferenceFeatures
 
     width = adapter.image_proj.config.feature_dim
     g = torch.Generator(device="cpu").manual_seed(5)

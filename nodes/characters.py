@@ -53,7 +53,7 @@ class SaveCharacter(io.ComfyNode):
 
     @classmethod
     def execute(cls, character, filename_prefix) -> io.NodeOutput:
-        from ..instantcharacter.run.regions import plain_features
+        from ..instantcharacter.reference.character import plain_features
 
         character = plain_features(character, "Save Character")  # before anything touches the disk
         from comfy_api.latest import ui

@@ -5,7 +5,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..instantcharacter.errors import InputError
-from ..instantcharacter.reference.encoders import parse_weights, preparation
+from ..instantcharacter.reference.character import parse_weights, preparation
 from ..instantcharacter.reference.images import FIT_MODES, LOW_RES, pil_to_tensor, prepare_reference, split_batch
 from .devices import encoders_on_device
 from .types import CATEGORY, Character, Encoders
@@ -122,8 +122,7 @@ class BlendCharacters(io.ComfyNode):
 
     @classmethod
     def execute(cls, character_a, character_b, ratio) -> io.NodeOutput:
-        from ..instantcharacter.reference.encoders import ReferenceFeatures
-        from ..instantcharacter.run.regions import plain_features
+        from ..instantcharacter.reference.character import ReferenceFeatures, plain_features
 
         a, b = (plain_features(c, "Blend Characters") for c in (character_a, character_b))
         return io.NodeOutput(ReferenceFeatures.blend([a, b], [1 - ratio, ratio]))

@@ -34,7 +34,8 @@ class CharacterRegion(io.ComfyNode):
     @classmethod
     def execute(cls, character, mask, strength) -> io.NodeOutput:
         from ..instantcharacter.errors import InputError
-        from ..instantcharacter.run.regions import RegionalCharacter, characters_in, check_region_mask
+        from ..instantcharacter.reference.character import RegionalCharacter, characters_in
+        from ..instantcharacter.run.regions import check_region_mask
 
         members = characters_in(character)
         if len(members) != 1:
@@ -70,7 +71,7 @@ class CombineCharacters(io.ComfyNode):
 
     @classmethod
     def execute(cls, character_1, character_2, character_3=None, character_4=None) -> io.NodeOutput:
-        from ..instantcharacter.run.regions import Characters, characters_in
+        from ..instantcharacter.reference.character import Characters, characters_in
 
         given = [c for c in (character_1, character_2, character_3, character_4) if c is not None]
         return io.NodeOutput(Characters(tuple(m for c in given for m in characters_in(c))))

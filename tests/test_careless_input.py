@@ -13,7 +13,7 @@ from PIL import Image
 
 from generation import run as run_generation
 from instantcharacter.errors import AdapterFileError, InputError, LoraFileError
-from instantcharacter.reference.encoders import ReferenceFeatures, parse_weights
+from instantcharacter.reference.character import ReferenceFeatures, parse_weights
 from instantcharacter.reference.images import MAX_SIDE, fit_square, prepare_reference, tensor_to_pil, to_rgb
 
 ROOT = Path(__file__).resolve().parents[1]

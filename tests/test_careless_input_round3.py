@@ -129,7 +129,7 @@ def test_an_image_given_as_a_region_mask_is_called_an_image(girl, shape):
 @pytest.mark.parametrize("fill", [0.0, -1.0])
 def test_generate_refuses_a_region_that_is_black_everywhere(tiny_flux, tiny_adapter, girl, fill):
     """Before: the API left the character out without a word (the node already refused it)."""
-    from instantcharacter.run.regions import Characters, RegionalCharacter
+    from instantcharacter.reference.character import Characters, RegionalCharacter
 
     steps = []
     empty = RegionalCharacter(girl, torch.full((64, 64), fill))

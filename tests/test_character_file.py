@@ -17,7 +17,8 @@ from PIL import Image
 from generation import run as run_generation
 from instantcharacter.errors import CharacterFileError, InputError
 from instantcharacter.files.character_file import FORMAT, load_character, save_character
-from instantcharacter.reference.encoders import PREVIEW_SIDE, ReferenceEncoders, ReferenceFeatures
+from instantcharacter.reference.character import PREVIEW_SIDE, ReferenceFeatures
+from instantcharacter.reference.encoders import ReferenceEncoders
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "assets"

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from instantcharacter.reference.consistency import consistency_scores
-from instantcharacter.reference.encoders import ReferenceFeatures
+from instantcharacter.reference.character import ReferenceFeatures
 from instantcharacter.errors import InputError
 from instantcharacter.reference.images import character_box, prepare_reference
 

@@ -13,9 +13,9 @@ from generation import run as run_generation
 from instantcharacter.__main__ import main
 from instantcharacter.errors import CharacterFileError, InputError, NonFiniteResultError
 from instantcharacter.files.character_file import load_character, save_character
-from instantcharacter.reference.encoders import FEATURE_LIMIT, ReferenceFeatures
+from instantcharacter.reference.character import FEATURE_LIMIT, ReferenceFeatures
 from instantcharacter.run.pipeline import decode_latents
-from instantcharacter.run.regions import RegionalCharacter
+from instantcharacter.reference.character import RegionalCharacter
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = dict(width=64, height=64, steps=2, seed=3, max_sequence_length=32, decode=False)

@@ -11,7 +11,8 @@ from generation import run as run_generation
 from instantcharacter.errors import InputError
 from instantcharacter.model.adapter import attach
 from instantcharacter.run.pipeline import character_tokens
-from instantcharacter.run.regions import Characters, RegionalCharacter, character_weights, characters_in
+from instantcharacter.reference.character import Characters, RegionalCharacter, characters_in
+from instantcharacter.run.regions import character_weights
 from schema_reader import pack_nodes
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"

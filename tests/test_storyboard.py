@@ -18,7 +18,7 @@ from instantcharacter.files.storyboard_folder import CONTACT_SHEET, MANIFEST, Bo
 from instantcharacter.reference.consistency import consistency_scores
 from instantcharacter.reference.images import tensor_to_pil
 from instantcharacter.run.pipeline import GenerationSettings, generate
-from instantcharacter.run.regions import RegionalCharacter
+from instantcharacter.reference.character import RegionalCharacter
 from instantcharacter.run.storyboard import (SEED_RANGE, Board, BoardModels, candidate_seed, contact_sheet,
                                              panel_prompts, panel_seed, render_panel, score_references, storyboard)
 from schema_reader import pack_nodes

@@ -5,7 +5,7 @@ preview of the prepared pictures, and string metadata: the format and its versio
 widths, and how the pictures were prepared and fused. Loading reads the header first and refuses, before any
 tensor is read, whatever is not such a file: a pickle (never opened), another model's safetensors (named by
 what it looks like), a truncated or damaged file, a file whose shapes disagree with what it says, features no
-encoder makes (:data:`~..reference.encoders.FEATURE_LIMIT`).
+encoder makes (:data:`~..reference.character.FEATURE_LIMIT`).
 
 Saving never replaces a file: the character is written to a temporary name in the target folder and then linked
 to its name, which fails if that name exists (the command line replaces a character file only when asked).
@@ -24,8 +24,8 @@ from typing import Iterable
 import torch
 
 from ..errors import CharacterFileError, InputError, ModelFolderError
-from ..reference.encoders import (FEATURE_LIMIT, PREVIEW_LIMIT, PREVIEW_SIDE, EncoderIdentity, FeatureSource,
-                                  ReferenceFeatures)
+from ..reference.character import (FEATURE_LIMIT, PREVIEW_LIMIT, PREVIEW_SIDE, EncoderIdentity, FeatureSource,
+                                   ReferenceFeatures)
 from .checkpoint import SAFETENSORS_SUFFIXES, CheckpointReadError, TensorFile, read_checkpoint, short_error
 from .identify import describe
 

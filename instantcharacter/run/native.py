@@ -25,7 +25,7 @@ import torch
 
 from ..errors import NonFiniteResultError
 from ..model.adapter import InstantCharacterAdapter
-from ..reference.encoders import ReferenceFeatures
+from ..reference.character import ReferenceFeatures
 from .regions import share_overlaps, token_region
 
 

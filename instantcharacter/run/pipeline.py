@@ -21,13 +21,13 @@ import numpy as np
 import torch
 
 from ..model.adapter import InstantCharacterAdapter, attach
-from ..reference.encoders import FEATURE_LIMIT, ReferenceFeatures
+from ..reference.character import FEATURE_LIMIT, ReferenceFeatures, characters_in
 from ..cancel import cancel_points
 from ..errors import InputError, NonFiniteResultError
 from .lora import StyleLoras
 from .offload.placement import Placement
 from .offload.planner import t5_blocks
-from .regions import character_weights, characters_in, check_region_mask
+from .regions import character_weights, check_region_mask
 
 MAX_SIZE = 4096
 MAX_STEPS = 1000
@@ -309,7 +309,7 @@ def generate(flux, adapter: InstantCharacterAdapter | None, features: ReferenceF
     ``adapter`` nor ``features``).
 
     ``features`` is one character acting on the whole picture (:class:`ReferenceFeatures`) or characters with
-    regions (a :class:`~.regions.RegionalCharacter` or :class:`~.regions.Characters`): in every attention layer
+    regions (a :class:`~..reference.character.RegionalCharacter` or :class:`~..reference.character.Characters`): in every attention layer
     each character's term is multiplied by its region on the generated-image tokens, shared where regions
     overlap (:func:`~.regions.character_weights`, as on the native path).
 

@@ -3,80 +3,16 @@
 FLUX packs the latent in 2×2 patches and orders the tokens row by row, so a region is the mask resized to
 (latent height / 2, latent width / 2) and flattened. Soft masks stay soft. Where several regions overlap by
 more than 1 in total, each is divided by the total there, so overlapping characters share the strength
-instead of adding up past it.
-
-A character as the samplers take it is either the encoder features alone (:class:`ReferenceFeatures`, acting
-on the whole picture), a :class:`RegionalCharacter` (features, a region and a strength), or several of them
-combined (:class:`Characters`). Both paths read them through :func:`characters_in`.
+instead of adding up past it. (The characters themselves: :mod:`..reference.character`.)
 """
 
 from __future__ import annotations
-
-import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import InputError
-from ..reference.encoders import ReferenceFeatures
-
-
-@dataclass(frozen=True)
-class RegionalCharacter:
-    """One character confined to a region of the generated picture (``mask`` None: everywhere); ``strength``
-    multiplies the sampler's subject scale (or Apply's weight) for this character."""
-
-    features: ReferenceFeatures
-    mask: torch.Tensor | None = None
-    strength: float = 1.0
-
-    def __post_init__(self):
-        try:
-            finite = math.isfinite(self.strength)
-        except TypeError:
-            finite = False
-        if not finite:  # ComfyUI's min/max check lets NaN through, and the API has none
-            raise InputError(f"A character region's strength must be a finite number (1 = as set on the sampler or "
-                             f"Apply), got {self.strength!r}.")
-
-    def members(self) -> tuple["RegionalCharacter", ...]:
-        return (self,)
-
-
-@dataclass(frozen=True)
-class Characters:
-    """Several characters for one picture, each with its own region (or everywhere)."""
-
-    items: tuple[RegionalCharacter, ...]
-
-    def members(self) -> tuple[RegionalCharacter, ...]:
-        return self.items
-
-
-def characters_in(character) -> tuple[RegionalCharacter, ...]:
-    """The characters a CHARACTER input holds: plain features are one character acting everywhere.
-
-    Read by what the objects offer rather than by class, so a character made by another copy of this package
-    (ComfyUI and tests can import the pack twice) is read the same."""
-    members = getattr(character, "members", None)
-    if callable(members):
-        return tuple(members())
-    if callable(getattr(character, "tensors", None)):
-        return (RegionalCharacter(character),)
-    raise InputError(f"Expected a character (from Encode Reference, Character Region or Combine Characters), got "
-                     f"{type(character).__name__}.")
-
-
-def plain_features(character, node: str) -> ReferenceFeatures:
-    """The encoder features of a character with no region; a regional or combined one is refused by name."""
-    members = getattr(character, "members", None)
-    if not callable(members):
-        return character
-    kind = "combined characters (from Combine Characters)" if len(members()) != 1 else \
-        "a character with a region (from Character Region)"
-    raise InputError(f"{node} works on characters without a region, straight from Encode Reference; this one is "
-                     f"{kind}. Use {node} before Character Region and Combine Characters.")
+from ..reference.character import RegionalCharacter
 
 
 def check_region_mask(mask: torch.Tensor) -> torch.Tensor:

@@ -27,11 +27,11 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from ..errors import InputError
+from ..reference.character import plain_features
 from ..reference.consistency import ConsistencyScores, consistency_scores
 from ..reference.images import FIT_MODES, tensor_to_pil
 from .offload.placement import default_device
 from .pipeline import MAX_SEED, GenerationSettings, MemorySettings, generate
-from .regions import plain_features
 
 MAX_CANDIDATES = 16
 MAX_PANELS_IN_MEMORY = 100  # the node keeps every chosen picture in one IMAGE batch; the CLI writes them as it goes

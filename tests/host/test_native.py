@@ -395,7 +395,8 @@ def test_regional_characters_act_the_same_on_both_paths(pack, comfy_flux, tiny_f
 
     from instantcharacter.model.adapter import attach
     from instantcharacter.run.native import CharacterEntry
-    from instantcharacter.run.regions import RegionalCharacter, character_weights
+    from instantcharacter.reference.character import RegionalCharacter
+    from instantcharacter.run.regions import character_weights
 
     waving = tiny_encoders.encode([Image.open(ROOT / "assets" / "reference_girl_wave.png")])
     left, right = _overlapping_halves()
@@ -427,7 +428,7 @@ def test_regional_characters_act_the_same_on_both_paths(pack, comfy_flux, tiny_f
 def test_apply_takes_regional_and_combined_characters(pack, comfy, comfy_flux, tiny_adapter, features, tiny_encoders):
     from PIL import Image
 
-    from instantcharacter.run.regions import Characters, RegionalCharacter
+    from instantcharacter.reference.character import Characters, RegionalCharacter
 
     waving = tiny_encoders.encode([Image.open(ROOT / "assets" / "reference_girl_wave.png")])
     left, right = _overlapping_halves()
