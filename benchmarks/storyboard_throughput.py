@@ -77,7 +77,7 @@ def _on_ray(paths, board, character, actors):
 def measure(args) -> list[tuple[str, float, float]]:
     from PIL import Image
 
-    from instantcharacter.files.encoders import load_reference_encoders
+    from instantcharacter.files.encoder_files import load_reference_encoders
     from instantcharacter.testing.tiny import write_tiny_models
 
     board = _board(args)

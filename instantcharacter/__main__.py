@@ -133,7 +133,7 @@ def cmd_generate(args) -> int:
 
     from .files.adapter_file import load_adapter
     from .files.character_file import check_save_path, load_character, save_character
-    from .files.encoders import load_reference_encoders
+    from .files.encoder_files import load_reference_encoders
     from .files.flux import load_flux
     from .run.pipeline import GenerationSettings, MemorySettings, generate
 
@@ -295,7 +295,7 @@ def _read_panels(path: Path) -> str:
 
 def cmd_storyboard(args) -> int:
     from .files.character_file import load_character
-    from .files.encoders import load_reference_encoders
+    from .files.encoder_files import load_reference_encoders
     from .files.storyboard_folder import BoardFolder
     from .reference.images import tensor_to_pil
     from .run.offload.placement import default_device
@@ -383,7 +383,7 @@ def _draw_panels(args, board, features, encoders, paths, dtype, todo):
 
     from .run.storyboard import BoardModels, render_panel, score_references
     from .files.adapter_file import load_adapter
-    from .files.encoders import load_reference_encoders
+    from .files.encoder_files import load_reference_encoders
     from .files.flux import load_flux
 
     started = time.perf_counter()

@@ -146,7 +146,7 @@ class LoadImageEncoders(io.ComfyNode):
 
     @classmethod
     def execute(cls, siglip, dinov2, weight_dtype) -> io.NodeOutput:
-        from ..instantcharacter.files.encoders import load_reference_encoders
+        from ..instantcharacter.files.encoder_files import load_reference_encoders
 
         siglip_folders = folders.subfolders("clip_vision", ENCODER_TYPES["siglip"])
         if siglip in siglip_folders or siglip.endswith(folders.DOWNLOAD_SUFFIX):

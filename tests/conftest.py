@@ -27,7 +27,7 @@ def tiny_flux(tiny_models):
 
 @pytest.fixture(scope="session")
 def tiny_encoders(tiny_models):
-    from instantcharacter.files.encoders import load_reference_encoders
+    from instantcharacter.files.encoder_files import load_reference_encoders
 
     return load_reference_encoders(tiny_models["siglip"], tiny_models["dinov2"], dtype=torch.float32)
 

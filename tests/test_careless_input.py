@@ -203,7 +203,7 @@ def test_encoder_folders_damaged_or_incomplete_get_our_error_and_no_load_report(
     import shutil
 
     from instantcharacter.errors import ModelFolderError
-    from instantcharacter.files.encoders import load_reference_encoders
+    from instantcharacter.files.encoder_files import load_reference_encoders
     from instantcharacter.testing.tiny import write_tiny_dinov2, write_tiny_siglip
 
     siglip, dino = write_tiny_siglip(tmp_path / "siglip"), write_tiny_dinov2(tmp_path / "dino")
@@ -334,7 +334,7 @@ def test_a_malicious_pickle_in_an_encoder_folder_is_refused_without_library_advi
     import pickle
 
     from instantcharacter.errors import ModelFolderError
-    from instantcharacter.files.encoders import load_reference_encoders
+    from instantcharacter.files.encoder_files import load_reference_encoders
     from instantcharacter.testing.tiny import write_tiny_dinov2, write_tiny_siglip
 
     siglip, dino = write_tiny_siglip(tmp_path / "siglip"), write_tiny_dinov2(tmp_path / "dino")

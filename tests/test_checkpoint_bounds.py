@@ -123,7 +123,7 @@ def test_a_zip_bomb_is_refused_before_it_is_unpacked(tmp_path, loader, suffix, t
 def test_a_zip_bomb_in_an_encoder_folder_is_refused_before_transformers_unpacks_it(tmp_path):
     """The folder's pickled weights get the same bound before transformers opens them (before: transformers'
     memory-mapped load failed on the compressed record, reported as a damaged folder)."""
-    from instantcharacter.files.encoders import load_reference_encoders
+    from instantcharacter.files.encoder_files import load_reference_encoders
     from instantcharacter.testing.tiny import write_tiny_dinov2, write_tiny_siglip
 
     siglip, dino = write_tiny_siglip(tmp_path / "siglip"), write_tiny_dinov2(tmp_path / "dino")

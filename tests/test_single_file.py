@@ -13,7 +13,7 @@ from PIL import Image
 from instantcharacter.errors import InstantCharacterError, ModelFolderError
 from instantcharacter.files.building import read_source
 from instantcharacter.files.checkpoint import TensorDict
-from instantcharacter.files.encoders import load_reference_encoders
+from instantcharacter.files.encoder_files import load_reference_encoders
 from instantcharacter.files.flux import assemble_flux, load_flux
 from instantcharacter.files.identify import describe
 from instantcharacter.files.single_file import bfl_sources, load_flux_transformer, load_siglip_vision

@@ -1,5 +1,5 @@
 """SigLIP so400m-384 and DINOv2-giant turn reference pictures into the features the adapter reads (what those
-features carry: :mod:`.character`; loading the encoders: :mod:`..files.encoders`)."""
+features carry: :mod:`.character`; loading the encoders: :mod:`..files.encoder_files`)."""
 
 from __future__ import annotations
 

@@ -206,7 +206,7 @@ class BoardModels:
     def load(cls, paths: dict, dtype: torch.dtype) -> "BoardModels":
         """From a models folder's paths (``flux``, ``adapter``, ``siglip``, ``dinov2``)."""
         from ..files.adapter_file import load_adapter
-        from ..files.encoders import load_reference_encoders
+        from ..files.encoder_files import load_reference_encoders
         from ..files.flux import load_flux
 
         encoders = load_reference_encoders(paths["siglip"], paths["dinov2"], dtype=dtype)

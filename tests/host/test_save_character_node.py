@@ -47,7 +47,7 @@ def girl(pack, tiny_models):
     """A character encoded by the pack's own copy of the core (Save Character checks what it is given)."""
     from PIL import Image
 
-    encoders = _core("files.encoders").load_reference_encoders(tiny_models["siglip"], tiny_models["dinov2"])
+    encoders = _core("files.encoder_files").load_reference_encoders(tiny_models["siglip"], tiny_models["dinov2"])
     return encoders.encode([Image.open(ASSETS / "reference_girl.png")])
 
 
