@@ -140,7 +140,7 @@ def test_two_runs_at_once_on_one_pipeline_are_serialised(tiny_flux, tiny_adapter
 def test_a_lora_with_nan_is_refused(tmp_path, tiny_flux):
     from safetensors.torch import load_file, save_file
 
-    from instantcharacter.run.lora import with_lora
+    from instantcharacter.run.style_loras import with_lora
     from instantcharacter.testing.lora import write_tiny_lora
 
     path = write_tiny_lora(tmp_path / "style.safetensors", "kohya")

@@ -24,7 +24,7 @@ from ..model.adapter import InstantCharacterAdapter, attach
 from ..reference.character import FEATURE_LIMIT, ReferenceFeatures, characters_in
 from ..cancel import cancel_points
 from ..errors import InputError, NonFiniteResultError
-from .lora import StyleLoras
+from .style_loras import StyleLoras
 from .offload.placement import Placement
 from .offload.planner import t5_blocks
 from .regions import character_weights, check_region_mask
@@ -319,7 +319,7 @@ def generate(flux, adapter: InstantCharacterAdapter | None, features: ReferenceF
     step's estimate of the finished latents (for live previews, see :func:`_denoised`); without, nothing is
     unpacked. ``cancel_check()`` is called between the other phases and inside the long ones (before every
     T5 block, every decoded image or tile) and may raise the same way. Style LoRAs (those a
-    :class:`~.lora.FluxWithLoras` ``flux`` carries, then ``loras``: ``(path, strength)`` pairs) act for this
+    :class:`~.style_loras.FluxWithLoras` ``flux`` carries, then ``loras``: ``(path, strength)`` pairs) act for this
     run only. Whatever happens, the transformer's attention
     processors, its LoRA layers and the models' placement are restored before returning.
     """
