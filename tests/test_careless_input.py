@@ -141,7 +141,7 @@ def test_a_lora_with_nan_is_refused(tmp_path, tiny_flux):
     from safetensors.torch import load_file, save_file
 
     from instantcharacter.run.style_loras import with_lora
-    from instantcharacter.testing.lora import write_tiny_lora
+    from instantcharacter.testing.tiny_loras import write_tiny_lora
 
     path = write_tiny_lora(tmp_path / "style.safetensors", "kohya")
     tensors = load_file(str(path))

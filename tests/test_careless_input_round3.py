@@ -99,7 +99,7 @@ def test_metadata_nested_past_the_recursion_limit_is_called_damaged(saved, tmp_p
     from safetensors.torch import load_file, save_file
 
     from instantcharacter.files.lora_file import clear_cache, read_lora
-    from instantcharacter.testing.lora import write_tiny_lora
+    from instantcharacter.testing.tiny_loras import write_tiny_lora
 
     with safe_open(str(saved), "pt") as f:
         metadata = f.metadata()

@@ -173,7 +173,7 @@ def _resaved(saved, path, metadata=None, tensors=None):
 
 
 def _bad_files(tmp_path, tiny_models, saved):
-    from instantcharacter.testing.lora import write_tiny_lora
+    from instantcharacter.testing.tiny_loras import write_tiny_lora
     from instantcharacter.testing.single_file import write_random_bfl_flux
 
     whole = saved.read_bytes()

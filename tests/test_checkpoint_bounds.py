@@ -150,7 +150,7 @@ def test_each_kind_bounds_what_its_file_can_hold(tmp_path, monkeypatch, tiny_mod
     down, since the real ones are gigabytes."""
     from instantcharacter.files import adapter_file, lora_file
     from instantcharacter.files.checkpoint import SizeLimit
-    from instantcharacter.testing.lora import write_tiny_lora
+    from instantcharacter.testing.tiny_loras import write_tiny_lora
 
     assert adapter_file.SIZE_LIMIT.total == 2_794_932_864 * 4 + 2**28  # published parameters in fp32 + 256 MiB
     assert lora_file.SIZE_LIMIT.per_tensor == 21504 * 3072 * 4

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from instantcharacter.errors import InputError, LoraFileError
 from instantcharacter.files.lora_file import clear_cache, read_lora
 from instantcharacter.run.style_loras import FluxWithLoras, StyleLoras, with_lora
-from instantcharacter.testing.lora import LORA_FORMATS, diffusers_deltas, tiny_lora_layers, write_tiny_lora
+from instantcharacter.testing.tiny_loras import LORA_FORMATS, diffusers_deltas, tiny_lora_layers, write_tiny_lora
 from generation import run as run_generation
 
 

@@ -40,7 +40,7 @@ print("unchanged" if same else "CHANGED")
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, tiny_flux):
-    from instantcharacter.testing.lora import write_tiny_lora
+    from instantcharacter.testing.tiny_loras import write_tiny_lora
     from instantcharacter.testing.single_file import write_flux_file
     from instantcharacter.testing.tiny import write_tiny_adapter
 

@@ -45,7 +45,7 @@ def host_models(tmp_path_factory):
     from instantcharacter.testing.tiny import write_tiny_models
 
     root = tmp_path_factory.mktemp("host_models")
-    from instantcharacter.testing.lora import write_tiny_lora
+    from instantcharacter.testing.tiny_loras import write_tiny_lora
 
     write_tiny_models(root)
     write_full_width_flux_vae(root / "vae" / "ae.safetensors")

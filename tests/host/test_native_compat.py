@@ -118,7 +118,7 @@ def test_comfyui_lora_before_apply_matches_the_pipeline_path_with_the_lora(
     import comfy.utils
 
     from instantcharacter.run.style_loras import StyleLoras
-    from instantcharacter.testing.lora import tiny_lora_layers, write_tiny_lora
+    from instantcharacter.testing.tiny_loras import tiny_lora_layers, write_tiny_lora
 
     path = write_tiny_lora(tmp_path / "style_kohya.safetensors", "kohya")
     model = _comfy_model(comfy, tiny_flux)
