@@ -8,7 +8,7 @@ from . import folders
 from .loaders import LoadAdapter, LoadFlux, LoadFluxSingleFile, LoadImageEncoders
 from .characters import LoadCharacter, SaveCharacter
 from .consistency import ConsistencyScore
-from .lora import StyleLora
+from .style_lora import StyleLora
 from .native import ApplyToModel
 from .reference import BlendCharacters, EncodeReference
 from .regions import CharacterRegion, CombineCharacters
