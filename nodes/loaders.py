@@ -46,11 +46,12 @@ class LoadFlux(io.ComfyNode):
     @classmethod
     def execute(cls, model, weight_dtype) -> io.NodeOutput:
         from ..instantcharacter.files.flux import load_flux
+        from ..instantcharacter.run.style_loras import StyledFlux
 
         path = folders.folder_choice(model, folders.subfolders("diffusion_models"), hub.FLUX_DEV, "diffusion_models")
         dtype = torch_dtype(weight_dtype)
         flux = MODELS.get("flux", file_key(path, weight_dtype), lambda: load_flux(path, dtype))
-        return io.NodeOutput(flux)
+        return io.NodeOutput(StyledFlux(flux))
 
 
 FP8_STORAGE = {"auto": None, "on": True, "off": False}
@@ -102,6 +103,7 @@ class LoadFluxSingleFile(io.ComfyNode):
     @classmethod
     def execute(cls, transformer, clip_l, t5, vae, weight_dtype, fp8_storage) -> io.NodeOutput:
         from ..instantcharacter.files.flux import assemble_flux
+        from ..instantcharacter.run.style_loras import StyledFlux
 
         paths = [folders.file_choice("diffusion_models", transformer), folders.file_choice("text_encoders", clip_l),
                  folders.file_choice("text_encoders", t5), folders.file_choice("vae", vae)]
@@ -110,7 +112,7 @@ class LoadFluxSingleFile(io.ComfyNode):
         key = tuple(part for p in paths for part in file_key(p)) + (weight_dtype, fp8_storage)
         flux = MODELS.get("flux", key, lambda: assemble_flux(*paths, clip_tokenizer, t5_tokenizer, dtype,
                                                               FP8_STORAGE[fp8_storage]))
-        return io.NodeOutput(flux)
+        return io.NodeOutput(StyledFlux(flux))
 
 
 ENCODER_TYPES = {"siglip": ("siglip", "siglip_vision_model"), "dinov2": ("dinov2",)}

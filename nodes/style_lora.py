@@ -38,6 +38,6 @@ class StyleLora(io.ComfyNode):
 
     @classmethod
     def execute(cls, flux, lora_name, strength) -> io.NodeOutput:
-        from ..instantcharacter.run.style_loras import with_lora
+        from ..instantcharacter.run.style_loras import StyledFlux
 
-        return io.NodeOutput(with_lora(flux, folders.file_choice("loras", lora_name), strength))
+        return io.NodeOutput(StyledFlux.of(flux).with_lora(folders.file_choice("loras", lora_name), strength))

@@ -140,7 +140,7 @@ def test_two_runs_at_once_on_one_pipeline_are_serialised(tiny_flux, tiny_adapter
 def test_a_lora_with_nan_is_refused(tmp_path, tiny_flux):
     from safetensors.torch import load_file, save_file
 
-    from instantcharacter.run.style_loras import with_lora
+    from instantcharacter.run.style_loras import StyledFlux
     from instantcharacter.testing.tiny_loras import write_tiny_lora
 
     path = write_tiny_lora(tmp_path / "style.safetensors", "kohya")
@@ -149,7 +149,7 @@ def test_a_lora_with_nan_is_refused(tmp_path, tiny_flux):
     tensors[key][0, 0] = float("nan")
     save_file(tensors, str(path))
     with pytest.raises(LoraFileError, match="NaN or infinite"):
-        with_lora(tiny_flux, path, 1.0)
+        StyledFlux(tiny_flux).with_lora(path, 1.0)
 
 
 def test_a_damaged_bin_is_called_damaged_and_other_safetensors_spellings_load(tmp_path, tiny_models):

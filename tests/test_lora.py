@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 from instantcharacter.errors import InputError, LoraFileError
 from instantcharacter.files.lora_file import clear_cache, read_lora
-from instantcharacter.run.style_loras import FluxWithLoras, StyleLoras, with_lora
+from instantcharacter.run.style_loras import StyledFlux, StyleLoras
 from instantcharacter.testing.tiny_loras import LORA_FORMATS, diffusers_deltas, tiny_lora_layers, write_tiny_lora
 from generation import run as run_generation
 
@@ -208,12 +208,13 @@ def test_generate_with_lora_is_the_same_in_every_offload_mode(tiny_flux, lora_fi
 
 
 def test_flux_with_loras_stacks_without_changing_the_input(tiny_flux, lora_files):
-    one = with_lora(tiny_flux, lora_files["kohya"], 1.0)
-    two = with_lora(one, lora_files["second"], 0.5)
-    assert isinstance(two, FluxWithLoras) and two.pipeline is tiny_flux
-    assert [s.strength for s in one.loras] == [1.0] and [s.strength for s in two.loras] == [1.0, 0.5]
+    bare = StyledFlux.of(tiny_flux)
+    one = bare.with_lora(lora_files["kohya"], 1.0)
+    two = one.with_lora(lora_files["second"], 0.5)
+    assert isinstance(two, StyledFlux) and two.pipeline is tiny_flux and StyledFlux.of(two) is two
+    assert bare.loras == () and [s.strength for s in one.loras] == [1.0]
+    assert [s.strength for s in two.loras] == [1.0, 0.5]
     assert not hasattr(tiny_flux, "loras")
-    assert two.transformer is tiny_flux.transformer and two.vae_scale_factor == tiny_flux.vae_scale_factor
     explicit = _generate(tiny_flux, offload="off", loras=[(lora_files["kohya"], 1.0), (lora_files["second"], 0.5)])
     assert torch.equal(_generate(two, offload="off"), explicit)
 
@@ -225,7 +226,7 @@ def test_generate_with_character_and_lora(tiny_flux, tiny_adapter, tiny_encoders
 
     image = Image.open(Path(__file__).resolve().parents[1] / "assets" / "reference_girl.png")
     features = tiny_encoders.encode([image])
-    flux = with_lora(tiny_flux, lora_files["bfl"], 1.0)
+    flux = StyledFlux.of(tiny_flux).with_lora(lora_files["bfl"], 1.0)
     before = _snapshot(tiny_flux.transformer)
     processors = dict(tiny_flux.transformer.attn_processors)
     off = _generate(flux, tiny_adapter, features, offload="off")
@@ -280,7 +281,7 @@ def test_unsupported_files_get_a_clear_error(tiny_flux, tmp_path, name, tensors,
         _generate(tiny_flux, loras=[(path, 1.0)], offload="off")
     assert path.name in str(info.value)
     with pytest.raises(LoraFileError, match=message):
-        with_lora(tiny_flux, path, 1.0)
+        StyledFlux.of(tiny_flux).with_lora(path, 1.0)
     _assert_restored(tiny_flux.transformer, before)
 
 

@@ -15,7 +15,7 @@ import math
 import threading
 import weakref
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 import torch
@@ -24,7 +24,7 @@ from ..model.adapter import InstantCharacterAdapter, attach
 from ..reference.character import FEATURE_LIMIT, ReferenceFeatures, characters_in
 from ..cancel import cancel_points
 from ..errors import InputError, NonFiniteResultError
-from .style_loras import StyleLoras
+from .style_loras import StyledFlux, StyleLoras
 from .offload.placement import Placement
 from .offload.planner import t5_blocks
 from .regions import character_weights, check_region_mask
@@ -302,7 +302,7 @@ def _decode(flux, placement: Placement, raw: torch.Tensor, lat_h: int, lat_w: in
 
 def generate(flux, adapter: InstantCharacterAdapter | None, features: ReferenceFeatures | None,
              settings: GenerationSettings, memory: MemorySettings = MemorySettings(), *,
-             init_latents: torch.Tensor | None = None, loras: Sequence = (),
+             init_latents: torch.Tensor | None = None,
              step_callback: Callable[..., None] | None = None, step_latents: bool = False,
              cancel_check: Callable[[], None] | None = None) -> GenerationResult:
     """Generate ``settings.batch_size`` pictures of the character (or of the prompt alone, with neither
@@ -318,15 +318,15 @@ def generate(flux, adapter: InstantCharacterAdapter | None, features: ReferenceF
     Cancel works). With ``step_latents`` it is ``step_callback(step, total, denoised)``, ``denoised`` the
     step's estimate of the finished latents (for live previews, see :func:`_denoised`); without, nothing is
     unpacked. ``cancel_check()`` is called between the other phases and inside the long ones (before every
-    T5 block, every decoded image or tile) and may raise the same way. Style LoRAs (those a
-    :class:`~.style_loras.FluxWithLoras` ``flux`` carries, then ``loras``: ``(path, strength)`` pairs) act for this
-    run only. Whatever happens, the transformer's attention
+    T5 block, every decoded image or tile) and may raise the same way. ``flux`` is a FLUX pipeline or a
+    :class:`~.style_loras.StyledFlux`, whose style LoRAs act for this run only. Whatever happens, the transformer's attention
     processors, its LoRA layers and the models' placement are restored before returning.
     """
     settings.check()
     memory.check()
     if (adapter is None) != (features is None):
         raise InputError("Give both the adapter and the character, or neither.")
+    styled = StyledFlux.of(flux)
     cast = []
     if features is not None:
         members = characters_in(features)
@@ -338,12 +338,12 @@ def generate(flux, adapter: InstantCharacterAdapter | None, features: ReferenceF
         for member in members:  # a region black everywhere: the Character Region node refuses it, so does the API
             if member.mask is not None:
                 check_region_mask(member.mask)
-        patch = 2 * flux.vae_scale_factor  # one generated token per 2×2 latent patch
+        patch = 2 * styled.pipeline.vae_scale_factor  # one generated token per 2×2 latent patch
         cast = character_weights(members, (settings.height // patch, settings.width // patch))
     if init_latents is not None and not torch.isfinite(torch.as_tensor(init_latents)).all():
         raise InputError("The input LATENT holds NaN or infinite values.")
-    with _run_lock(flux):  # one run at a time per pipeline: the scheduler and the processors are shared state
-        return _generate(flux, adapter, cast, settings, memory, init_latents, loras, step_callback,
+    with _run_lock(styled.pipeline):  # one run at a time per pipeline: the scheduler and processors are shared
+        return _generate(styled.pipeline, adapter, cast, settings, memory, init_latents, styled.loras, step_callback,
                          step_latents, cancel_check or (lambda: None))
 
 
@@ -351,13 +351,12 @@ _LOCKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _LOCKS_GUARD = threading.Lock()
 
 
-def _run_lock(flux) -> threading.Lock:
-    base = getattr(flux, "pipeline", flux)  # a FluxWithLoras shares its pipeline's lock
+def _run_lock(pipeline) -> threading.Lock:
     with _LOCKS_GUARD:
         try:
-            lock = _LOCKS.get(base)
+            lock = _LOCKS.get(pipeline)
             if lock is None:
-                lock = _LOCKS[base] = threading.Lock()
+                lock = _LOCKS[pipeline] = threading.Lock()
         except TypeError:  # an object without weak references: one lock for all of them
             lock = _LOCKS_GUARD_FALLBACK
     return lock
@@ -370,7 +369,7 @@ def _generate(flux, adapter, cast, settings: GenerationSettings, memory: MemoryS
               step_callback, step_latents, cancel_check) -> GenerationResult:
     transformer, vae = flux.transformer, flux.vae
     dtype = transformer.dtype
-    styles = StyleLoras(transformer, (*getattr(flux, "loras", ()), *loras))  # reads and checks; changes nothing
+    styles = StyleLoras(transformer, loras)  # reads and checks; changes nothing
     placement = Placement(flux, adapter, memory.offload, memory.device, budget_gb=memory.vram_budget_gb,
                           fp8=memory.fp8_storage)
     device = placement.device

@@ -32,6 +32,7 @@ from ..reference.consistency import ConsistencyScores, consistency_scores
 from ..reference.images import FIT_MODES, tensor_to_pil
 from .offload.placement import default_device
 from .pipeline import MAX_SEED, GenerationSettings, MemorySettings, generate
+from .style_loras import StyledFlux
 
 MAX_CANDIDATES = 16
 MAX_PANELS_IN_MEMORY = 100  # the node keeps every chosen picture in one IMAGE batch; the CLI writes them as it goes
@@ -271,7 +272,7 @@ def storyboard(models: BoardModels, board: Board, character, *, step_callback: C
     """Draw the whole board, panel by panel, in memory. ``step_callback(done, total)`` counts panels × candidates ×
     steps; ``on_panel(result)`` is called as each panel is finished."""
     board.check(panel_limit)
-    check_prompt_lengths(getattr(models.flux, "tokenizer_2", None), board.prompts,
+    check_prompt_lengths(getattr(StyledFlux.of(models.flux).pipeline, "tokenizer_2", None), board.prompts,
                          board.settings.max_sequence_length)
     references = score_references(character)
     total = board.panels * board.steps_per_panel

@@ -1,5 +1,5 @@
 """Style LoRAs for the pipeline path: FLUX.1 LoRA files (read by :mod:`..files.lora_file`) applied to the
-diffusers transformer for one run.
+diffusers transformer for one run, and the FLUX value that carries them from node to node (:class:`StyledFlux`).
 
 Nothing is merged into the base weights. Each LoRA becomes a PEFT adapter (a low-rank branch beside the layer it
 changes) scaled by its strength; :meth:`StyleLoras.remove` takes the branches out again and leaves the module tree,
@@ -173,31 +173,27 @@ class StyleLoras:
         self.remove()
 
 
-class FluxWithLoras:
-    """A FLUX pipeline together with the style LoRAs to apply while it generates.
+@dataclass(frozen=True)
+class StyledFlux:
+    """The FLUX value the nodes pass between them (``INSTANTCHARACTER_FLUX``): a loaded FLUX.1 pipeline and the
+    style LoRAs to apply while it generates (none from the loaders). The pipeline itself is never changed, so one
+    loaded FLUX serves graphs with and without LoRAs."""
 
-    Attribute access reads through to the pipeline (``flux.transformer``, ``flux.encode_prompt`` …); the pipeline
-    itself is never changed, so the same loaded FLUX serves graphs with and without LoRAs.
-    """
+    pipeline: object
+    loras: tuple[LoraSpec, ...] = ()
 
-    def __init__(self, pipeline, loras: tuple[LoraSpec, ...]):
-        self.pipeline = pipeline
-        self.loras = tuple(loras)
+    @classmethod
+    def of(cls, flux) -> "StyledFlux":
+        """``flux`` as a StyledFlux: itself, or a bare pipeline with no style LoRA."""
+        return flux if isinstance(flux, cls) else cls(flux)
 
-    def __getattr__(self, name):
-        if name in ("pipeline", "loras") or name.startswith("__"):  # not set yet (copy, pickle)
-            raise AttributeError(name)
-        return getattr(self.pipeline, name)
+    def with_lora(self, path: str | os.PathLike, strength: float = 1.0) -> "StyledFlux":
+        """This FLUX plus one more style LoRA; stackable, and this one is left as it was. The file is read and
+        checked against the transformer here, so a bad file fails at once."""
+        spec = LoraSpec(os.fspath(path), float(strength))
+        check_fits(read_lora(spec.path), self.pipeline.transformer)
+        return StyledFlux(self.pipeline, (*self.loras, spec))
 
     def __repr__(self) -> str:
         names = ", ".join(f"{Path(s.path).name} × {s.strength:g}" for s in self.loras)
-        return f"FluxWithLoras({type(self.pipeline).__name__}, [{names}])"
-
-
-def with_lora(flux, path: str | os.PathLike, strength: float = 1.0) -> FluxWithLoras:
-    """``flux`` plus one more style LoRA; stackable, and ``flux`` is left as it was. The file is read and checked
-    against the transformer here, so a bad file fails at once."""
-    base = flux.pipeline if isinstance(flux, FluxWithLoras) else flux
-    spec = LoraSpec(os.fspath(path), float(strength))
-    check_fits(read_lora(spec.path), base.transformer)
-    return FluxWithLoras(base, (*getattr(flux, "loras", ()), spec))
+        return f"StyledFlux({type(self.pipeline).__name__}, [{names}])"
