@@ -234,7 +234,7 @@ class Meter:
             return event
         return time.perf_counter()
 
-    def step(self, step, total):
+    def step(self, step, total, _):
         self.marks.append(self._mark())
 
     def __enter__(self):
@@ -306,16 +306,16 @@ def encode_reference(encoders, device):
 
 
 def run(flux, adapter, features, mode: Mode, device, size, steps, text_len):
-    from instantcharacter.run.offload.placement import watching_phases
-    from instantcharacter.run.pipeline import GenerationSettings, MemorySettings, generate
+    from instantcharacter.run.pipeline import generate
+    from instantcharacter.run.settings import GenerationSettings, MemorySettings, RunHooks
 
     all_to_host(flux.transformer, flux.text_encoder, flux.text_encoder_2, flux.vae, adapter)  # "off" leaves them
-    with Meter(device) as meter, watching_phases(meter.phase):
+    with Meter(device) as meter:
         settings = GenerationSettings("a girl reading a book in a library, warm light", width=size, height=size,
                                       steps=steps, seed=0, max_sequence_length=text_len)
         memory = MemorySettings(mode.offload, mode.budget_gb, mode.fp8, device)
         result = generate(flux, adapter if mode.character else None, features if mode.character else None,
-                          settings, memory, step_callback=meter.step)
+                          settings, memory, hooks=RunHooks(on_step=meter.step, on_phase=meter.phase))
     return result, meter
 
 

@@ -42,7 +42,7 @@ LOAD_GB, LOAD_GB_PER_S = 42.4, 2.0
 
 
 def _board(args):
-    from instantcharacter.run.pipeline import GenerationSettings
+    from instantcharacter.run.settings import GenerationSettings
     from instantcharacter.run.storyboard import Board
 
     prompts = [f"the girl in scene {n}, detailed illustration" for n in range(1, args.panels + 1)]

@@ -135,7 +135,8 @@ def cmd_generate(args) -> int:
     from .files.character_file import check_save_path, load_character, save_character
     from .files.encoder_files import load_reference_encoders
     from .files.flux import load_flux
-    from .run.pipeline import GenerationSettings, MemorySettings, generate
+    from .run.pipeline import generate
+    from .run.settings import GenerationSettings, MemorySettings, RunHooks
 
     # everything the user typed is checked before any model is looked for, downloaded or loaded
     settings = GenerationSettings(args.prompt, negative_prompt=args.negative_prompt, true_cfg=args.true_cfg,
@@ -173,12 +174,12 @@ def cmd_generate(args) -> int:
 
     interactive = sys.stdout.isatty()
 
-    def progress(step, total):
+    def progress(step, total, _):
         # one line rewritten in a terminal; a line per step in a log file or pipe
         print(f"\rstep {step}/{total}" if interactive else f"step {step}/{total}",
               end="" if interactive and step < total else "\n", flush=True)
 
-    result = generate(flux, adapter, features, settings, memory, step_callback=progress)
+    result = generate(flux, adapter, features, settings, memory, hooks=RunHooks(on_step=progress))
     streamed = f", {result.bytes_streamed / 2**30:.1f} GiB streamed" if result.bytes_streamed else ""
     print(f"placement: {result.offload}{streamed}; VAE decode {result.decode}")
     args.output_dir.mkdir(parents=True, exist_ok=True)
@@ -299,7 +300,7 @@ def cmd_storyboard(args) -> int:
     from .files.storyboard_folder import BoardFolder
     from .reference.images import tensor_to_pil
     from .run.offload.placement import default_device
-    from .run.pipeline import GenerationSettings, MemorySettings
+    from .run.settings import GenerationSettings, MemorySettings
     from .run.storyboard import (Board, board_identity, check_prompt_lengths, contact_sheet, encoders_on,
                                  panel_prompts, score_references)
 
@@ -381,6 +382,7 @@ def _draw_panels(args, board, features, encoders, paths, dtype, todo):
         yield from panels_on_ray(job, todo, args.ray, args.ray_actors, on_ready=ready)
         return
 
+    from .run.settings import RunHooks
     from .run.storyboard import BoardModels, render_panel, score_references
     from .files.adapter_file import load_adapter
     from .files.encoder_files import load_reference_encoders
@@ -394,11 +396,11 @@ def _draw_panels(args, board, features, encoders, paths, dtype, todo):
     references = score_references(features)
     interactive = sys.stdout.isatty()
     for number in todo:
-        def progress(done, total, number=number):
+        def progress(done, total, _, number=number):
             if interactive:
                 print(f"\rpanel {number}/{board.panels}: step {done}/{total}", end="", flush=True)
 
-        panel = render_panel(models, board, features, number, step_callback=progress, references=references)
+        panel = render_panel(models, board, features, number, hooks=RunHooks(on_step=progress), references=references)
         if interactive:
             print("\r", end="")
         yield panel

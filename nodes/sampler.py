@@ -96,7 +96,8 @@ class Sampler(io.ComfyNode):
         import comfy.model_management as mm
         import comfy.utils
 
-        from ..instantcharacter.run.pipeline import GenerationSettings, MemorySettings, generate
+        from ..instantcharacter.run.pipeline import generate
+        from ..instantcharacter.run.settings import GenerationSettings, MemorySettings, RunHooks
 
         init = None
         if latent is not None:
@@ -113,7 +114,7 @@ class Sampler(io.ComfyNode):
         bar = comfy.utils.ProgressBar(steps)
         previewer = live_previewer()
 
-        def on_step(step, total, denoised=None):
+        def on_step(step, total, denoised):
             preview = None if denoised is None else previewer.decode_latent_to_preview_image("JPEG", denoised)
             bar.update_absolute(step, total, preview)
             mm.throw_exception_if_processing_interrupted()
@@ -126,9 +127,9 @@ class Sampler(io.ComfyNode):
                 double_blocks_weight=double_blocks_weight, single_blocks_weight=single_blocks_weight,
                 character_on_negative=character_on_negative)
             memory = MemorySettings(offload, vram_budget_gb, fp8_storage, mm.get_torch_device())
-            result = generate(flux, adapter, character, settings, memory, init_latents=init, step_callback=on_step,
-                              step_latents=previewer is not None,
-                              cancel_check=mm.throw_exception_if_processing_interrupted)
+            hooks = RunHooks(on_step=on_step, previews=previewer is not None,
+                             cancel_check=mm.throw_exception_if_processing_interrupted)
+            result = generate(flux, adapter, character, settings, memory, init_latents=init, hooks=hooks)
         except mm.OOM_EXCEPTION as err:
             if mm.OOM_EXCEPTION is Exception:
                 raise

@@ -88,7 +88,7 @@ class Storyboard(io.ComfyNode):
         import comfy.model_management as mm
         import comfy.utils
 
-        from ..instantcharacter.run.pipeline import GenerationSettings, MemorySettings
+        from ..instantcharacter.run.settings import GenerationSettings, MemorySettings, RunHooks
         from ..instantcharacter.run.storyboard import Board, BoardModels, image_tensor, panel_prompts, storyboard
 
         settings = GenerationSettings("", width=width, height=height, steps=steps, guidance=guidance,
@@ -101,15 +101,15 @@ class Storyboard(io.ComfyNode):
         bar = comfy.utils.ProgressBar(board.panels * board.steps_per_panel)
         previewer = live_previewer()
 
-        def on_step(done, total, denoised=None):
+        def on_step(done, total, denoised):
             preview = None if denoised is None else previewer.decode_latent_to_preview_image("JPEG", denoised)
             bar.update_absolute(done, total, preview)
             mm.throw_exception_if_processing_interrupted()
 
         try:
-            result = storyboard(BoardModels(flux, adapter, encoders), board, character, step_callback=on_step,
-                                step_latents=previewer is not None,
-                                cancel_check=mm.throw_exception_if_processing_interrupted,
+            hooks = RunHooks(on_step=on_step, previews=previewer is not None,
+                             cancel_check=mm.throw_exception_if_processing_interrupted)
+            result = storyboard(BoardModels(flux, adapter, encoders), board, character, hooks=hooks,
                                 scoring=lambda: encoders_on_device(encoders), panel_limit=MAX_PANELS_IN_MEMORY,
                                 on_panel=lambda panel: log.info("InstantCharacter Storyboard: %s", panel.summary()))
         except mm.OOM_EXCEPTION as err:

@@ -53,7 +53,7 @@ def test_bad_settings_are_refused_before_anything_runs_and_change_nothing(tiny_f
     started = time.perf_counter()
     with pytest.raises(InputError) as info:
         run_generation(tiny_flux, tiny_adapter, features, "a girl", **{**RUN, **setting},
-                       step_callback=lambda *a: calls.append(a))
+                       on_step=lambda *a: calls.append(a))
     refused_in = time.perf_counter() - started
     assert not calls and refused_in < 1.0, refused_in  # refused up front, not after a 16384² step
     name = next(iter(setting))
@@ -272,7 +272,7 @@ def test_cancel_is_checked_between_every_phase(tiny_flux, tiny_adapter, features
     kwargs = {**RUN, "decode": True, "batch_size": 2}
     record, steps = [], []
     run_generation(tiny_flux, tiny_adapter, features, "a girl", **kwargs, offload="sequential",
-                   step_callback=lambda *a: steps.append(a), cancel_check=lambda: record.append(len(steps)))
+                   on_step=lambda *a: steps.append(a), cancel_check=lambda: record.append(len(steps)))
     assert record[0] == 0 and record.count(0) >= 4  # before, inside and after the prompts, after the tokens
     assert record.count(RUN["steps"]) >= 4  # each of the 2 pictures, before its VAE decoder
     for at in sorted({0, record.count(0) - 1, record.index(RUN["steps"]), len(record) - 1}):
@@ -285,7 +285,7 @@ def test_cancel_is_checked_between_every_phase(tiny_flux, tiny_adapter, features
 
         with pytest.raises(_Cancelled):
             run_generation(tiny_flux, tiny_adapter, features, "a girl", **kwargs, offload="sequential",
-                           step_callback=lambda *a: steps.append(a), cancel_check=cancel)
+                           on_step=lambda *a: steps.append(a), cancel_check=cancel)
         assert len(steps) == record[at]
     assert torch.equal(run_generation(tiny_flux, tiny_adapter, features, "a girl", **RUN).latents, reference)
 
@@ -305,7 +305,7 @@ def test_cancel_reaches_inside_t5_the_vae_decode_and_the_encoders(tiny_flux, tin
     # 1 check before the prompts, then one per T5 block: cancelled inside the encoding, before any step
     steps = []
     with pytest.raises(_Cancelled):
-        run_generation(tiny_flux, tiny_adapter, features, "a girl", **RUN, step_callback=lambda *a: steps.append(a),
+        run_generation(tiny_flux, tiny_adapter, features, "a girl", **RUN, on_step=lambda *a: steps.append(a),
                        cancel_check=cancel_at(1 + t5_blocks))
     assert not steps
     # the decode: after the last step, the check before the image and then the one before the VAE decoder
@@ -319,7 +319,7 @@ def test_cancel_reaches_inside_t5_the_vae_decode_and_the_encoders(tiny_flux, tin
 
     with pytest.raises(_Cancelled):
         run_generation(tiny_flux, tiny_adapter, features, "a girl", **{**RUN, "decode": True}, offload="sequential",
-                       step_callback=lambda *a: seen.append(a), cancel_check=in_decode)
+                       on_step=lambda *a: seen.append(a), cancel_check=in_decode)
     assert len(seen) == RUN["steps"] and len(after) == 2
     calls.clear()
     with pytest.raises(_Cancelled):  # the encoders: before one of their layers

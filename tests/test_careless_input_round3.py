@@ -136,7 +136,7 @@ def test_generate_refuses_a_region_that_is_black_everywhere(tiny_flux, tiny_adap
     for character in (empty, Characters((RegionalCharacter(girl, torch.ones(64, 64)), empty))):
         with pytest.raises(InputError, match="black everywhere"):
             run_generation(tiny_flux, tiny_adapter, character, "a girl", **RUN,
-                           step_callback=lambda *a: steps.append(a))
+                           on_step=lambda *a: steps.append(a))
     assert not steps
 
 

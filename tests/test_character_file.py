@@ -141,7 +141,7 @@ def test_a_character_from_other_encoder_widths_is_refused_where_it_is_used(tiny_
     assert loaded.feature_dim == 48 + 64
     calls = []
     with pytest.raises(InputError, match=r"112 channels wide, made by .*'dinov2-small-64' \(width 64\).*reads 128"):
-        run_generation(tiny_flux, tiny_adapter, loaded, "a girl", **RUN, step_callback=lambda *a: calls.append(a))
+        run_generation(tiny_flux, tiny_adapter, loaded, "a girl", **RUN, on_step=lambda *a: calls.append(a))
     assert not calls
     with pytest.raises(InputError, match="112 channels wide"):
         CharacterEntry(tiny_adapter, loaded, 0.9)

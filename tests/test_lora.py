@@ -242,12 +242,12 @@ def test_cancelled_run_leaves_the_model_clean(tiny_flux, lora_files, modes, mode
     t = tiny_flux.transformer
     before = _snapshot(t)
 
-    def cancel(step, total):
+    def cancel(step, total, denoised):
         assert hasattr(t, "peft_config")  # the LoRA is in while the steps run
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        _generate(tiny_flux, loras=[(lora_files["xlabs"], 1.0)], step_callback=cancel, **modes[mode])
+        _generate(tiny_flux, loras=[(lora_files["xlabs"], 1.0)], on_step=cancel, **modes[mode])
     _assert_restored(t, before)
 
 
@@ -352,9 +352,9 @@ def test_fp8_storage_keeps_lora_weights_exact(tiny_flux, lora_files, modes):
     t = tiny_flux.transformer
     seen = []
 
-    def look(step, total):
+    def look(step, total, denoised):
         seen.append(t.transformer_blocks[0].attn.to_q.lora_B["instantcharacter_style_0"].weight.dtype)
 
-    _generate(tiny_flux, loras=[(lora_files["comfyui"], 1.0)], fp8_storage=True, step_callback=look,
+    _generate(tiny_flux, loras=[(lora_files["comfyui"], 1.0)], fp8_storage=True, on_step=look,
               **modes["budget"])
     assert seen and all(dtype == t.dtype for dtype in seen)

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from instantcharacter.run.offload import placement as placement_module
-from instantcharacter.run.offload.placement import Placement, watching_phases
+from instantcharacter.run.offload.placement import Placement
 from instantcharacter.run.offload.planner import GIB, choose_offload, module_bytes, partial_budgets, plan_residency
 from instantcharacter.run.offload.streamer import BlockStreamer
 from instantcharacter.run.offload.streams import StreamProbes
@@ -244,9 +244,8 @@ def test_cuda_decode_starts_with_the_transformer_gone(tiny_flux, tiny_adapter, f
         torch.cuda.synchronize()
         seen[(phase, when)] = torch.cuda.memory_allocated()
 
-    with watching_phases(watch):
-        run_generation(tiny_flux, tiny_adapter, features, "a girl", width=64, height=64, steps=2, seed=3,
-                       max_sequence_length=32, offload="budget", vram_budget_gb=budget, device="cuda")
+    run_generation(tiny_flux, tiny_adapter, features, "a girl", width=64, height=64, steps=2, seed=3,
+                   max_sequence_length=32, offload="budget", vram_budget_gb=budget, device="cuda", on_phase=watch)
     # at the decode's start only the latents and the character tokens are left on the device
     assert seen[("decode", "start")] <= seen[("text encoders", "start")] + 8 * 2**20, seen
     assert seen[("denoising", "end")] <= seen[("text encoders", "start")] + 8 * 2**20, seen
@@ -267,7 +266,7 @@ def test_decode_plan_follows_the_budget(tiny_flux, tiny_adapter):
 
 
 def test_decode_per_image_and_tiled_match_batch(tiny_flux):
-    from instantcharacter.run.pipeline import decode_latents
+    from instantcharacter.run.decoding import decode_latents
 
     vae = tiny_flux.vae
     z = torch.randn(2, 16, 32, 24, generator=torch.Generator().manual_seed(5))
@@ -297,7 +296,8 @@ def test_generation_reports_its_placement(tiny_flux, tiny_adapter, features):
 
 
 def test_t5_streams_when_it_does_not_fit_and_gives_the_same_embeddings(tiny_flux, tiny_adapter):
-    from instantcharacter.run.pipeline import GenerationSettings, _encode_prompts
+    from instantcharacter.run.pipeline import _encode_prompts
+    from instantcharacter.run.settings import GenerationSettings
 
     t5 = tiny_flux.text_encoder_2
     settings = GenerationSettings("a girl in a red coat", max_sequence_length=32)

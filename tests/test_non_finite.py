@@ -14,7 +14,7 @@ from instantcharacter.__main__ import main
 from instantcharacter.errors import CharacterFileError, InputError, NonFiniteResultError
 from instantcharacter.files.character_file import load_character, save_character
 from instantcharacter.reference.character import FEATURE_LIMIT, ReferenceFeatures
-from instantcharacter.run.pipeline import decode_latents
+from instantcharacter.run.decoding import decode_latents
 from instantcharacter.reference.character import RegionalCharacter
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,7 +78,7 @@ def test_a_run_that_turns_nan_stops_and_names_the_implausible_input(tiny_flux, t
     steps = []
     with pytest.raises(NonFiniteResultError, match=says) as info:
         run_generation(tiny_flux, tiny_adapter, character, "a girl", **{**RUN, **settings},
-                       step_callback=lambda *a: steps.append(a))
+                       on_step=lambda *a: steps.append(a))
     assert "nothing was written" in str(info.value) and not steps  # stopped at the first NaN, no preview of it
     assert torch.equal(run_generation(tiny_flux, tiny_adapter, girl, "a girl", **RUN).latents, reference)
 

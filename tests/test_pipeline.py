@@ -8,7 +8,8 @@ from PIL import Image
 
 from instantcharacter.model.adapter import attach
 from instantcharacter.errors import InputError
-from instantcharacter.run.pipeline import character_tokens, flux_schedule
+from instantcharacter.run.latents import flux_schedule
+from instantcharacter.run.tokens import character_tokens
 from generation import run as run_generation
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
@@ -165,19 +166,19 @@ def test_img2img_keeps_the_input_at_low_denoise(tiny_flux, tiny_adapter, feature
 
 def test_progress_callback_and_cancel_leave_the_model_clean(tiny_flux, tiny_adapter, features):
     seen = []
-    _run(tiny_flux, tiny_adapter, features, step_callback=lambda s, t: seen.append((s, t)))
-    assert seen == [(1, 3), (2, 3), (3, 3)]
+    _run(tiny_flux, tiny_adapter, features, on_step=lambda s, t, denoised: seen.append((s, t, denoised)))
+    assert seen == [(1, 3, None), (2, 3, None), (3, 3, None)]  # no previews asked for: no estimate
 
     class Cancelled(Exception):
         pass
 
-    def cancel(step, total):
+    def cancel(step, total, denoised):
         if step == 2:
             raise Cancelled
 
     before = dict(tiny_flux.transformer.attn_processors)
     with pytest.raises(Cancelled):
-        _run(tiny_flux, tiny_adapter, features, step_callback=cancel, offload="sequential")
+        _run(tiny_flux, tiny_adapter, features, on_step=cancel, offload="sequential")
     after = tiny_flux.transformer.attn_processors
     assert all(after[k] is before[k] for k in before)
     assert not any(b._forward_pre_hooks or b._forward_hooks for b in tiny_flux.transformer.modules())

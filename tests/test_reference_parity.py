@@ -61,7 +61,8 @@ def subject():
 
 
 def test_latents_match_the_official_pipeline(reference_pipe, subject, tiny_flux, tiny_encoders, tiny_adapter):
-    from instantcharacter.run.pipeline import GenerationSettings, generate
+    from instantcharacter.run.pipeline import generate
+    from instantcharacter.run.settings import GenerationSettings
 
     packed = reference_pipe(prompt=PROMPT, height=SIZE, width=SIZE, num_inference_steps=STEPS, guidance_scale=3.5,
                             generator=torch.Generator("cpu").manual_seed(SEED), subject_image=subject,

@@ -10,7 +10,7 @@ from PIL import Image
 from generation import run as run_generation
 from instantcharacter.errors import InputError
 from instantcharacter.model.adapter import attach
-from instantcharacter.run.pipeline import character_tokens
+from instantcharacter.run.tokens import character_tokens
 from instantcharacter.reference.character import Characters, RegionalCharacter, characters_in
 from instantcharacter.run.regions import character_weights
 from schema_reader import pack_nodes
@@ -182,7 +182,7 @@ def test_region_masks_are_checked_before_anything_runs(tiny_flux, tiny_adapter, 
     for mask, message in ((torch.ones(2, HEIGHT, WIDTH), "one mask"), (torch.ones(HEIGHT), "2-D"),
                           (torch.full((HEIGHT, WIDTH), float("nan")), "NaN")):
         with pytest.raises(InputError, match=message):
-            _run(tiny_flux, tiny_adapter, RegionalCharacter(girl, mask), step_callback=lambda s, t: calls.append(s))
+            _run(tiny_flux, tiny_adapter, RegionalCharacter(girl, mask), on_step=lambda s, t, _: calls.append(s))
     assert not calls
 
 

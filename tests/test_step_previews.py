@@ -20,14 +20,14 @@ def test_each_step_gives_the_denoised_estimate_and_the_last_one_is_the_result(ti
                                                                               tiny_encoders):
     features = _features(tiny_encoders)
     seen = []
-    with_previews = run_generation(tiny_flux, tiny_adapter, features, "a girl", **RUN, step_latents=True,
-                                   step_callback=lambda step, total, x0: seen.append((step, total, x0.clone())))
+    with_previews = run_generation(tiny_flux, tiny_adapter, features, "a girl", **RUN, previews=True,
+                                   on_step=lambda step, total, x0: seen.append((step, total, x0.clone())))
     plain_steps = []
     plain = run_generation(tiny_flux, tiny_adapter, features, "a girl", **RUN,
-                           step_callback=lambda *args: plain_steps.append(args))
+                           on_step=lambda *args: plain_steps.append(args))
     assert torch.equal(with_previews.latents, plain.latents)  # the previews change nothing
-    assert plain_steps == [(1, 3), (2, 3), (3, 3)]
-    assert [(s, t) for s, t, _ in seen] == plain_steps
+    assert plain_steps == [(1, 3, None), (2, 3, None), (3, 3, None)]  # without previews: no estimate
+    assert [(s, t, None) for s, t, _ in seen] == plain_steps
     assert all(x0.shape == (2, 16, 6, 8) and x0.dtype == torch.float32 for _, _, x0 in seen)
     # the estimate moves towards the result, and the last step's estimate is the result (sigma goes to 0), in the
     # model latent space ComfyUI's Flux latent format gives its previewers: (vae latent - shift) * scale
@@ -49,10 +49,10 @@ def test_without_previews_the_loop_unpacks_nothing(tiny_flux, tiny_adapter, tiny
 
     tiny_flux._unpack_latents = counting
     try:
-        run_generation(tiny_flux, tiny_adapter, features, "a girl", **RUN, step_callback=lambda *args: None)
+        run_generation(tiny_flux, tiny_adapter, features, "a girl", **RUN, on_step=lambda *args: None)
         once = len(unpacked)
-        run_generation(tiny_flux, tiny_adapter, features, "a girl", **RUN, step_latents=True,
-                       step_callback=lambda *args: None)
+        run_generation(tiny_flux, tiny_adapter, features, "a girl", **RUN, previews=True,
+                       on_step=lambda *args: None)
     finally:
         del tiny_flux._unpack_latents
     assert once == 1  # the result only

@@ -17,7 +17,8 @@ from instantcharacter.errors import InputError
 from instantcharacter.files.storyboard_folder import CONTACT_SHEET, MANIFEST, BoardFolder
 from instantcharacter.reference.consistency import consistency_scores
 from instantcharacter.reference.images import tensor_to_pil
-from instantcharacter.run.pipeline import GenerationSettings, generate
+from instantcharacter.run.pipeline import generate
+from instantcharacter.run.settings import GenerationSettings, RunHooks
 from instantcharacter.reference.character import RegionalCharacter
 from instantcharacter.run.storyboard import (SEED_RANGE, Board, BoardModels, candidate_seed, contact_sheet,
                                              panel_prompts, panel_seed, render_panel, score_references, storyboard)
@@ -51,7 +52,8 @@ def board():
 @pytest.fixture(scope="module")
 def drawn(models, board, character):
     steps = []
-    result = storyboard(models, board, character, step_callback=lambda done, total: steps.append((done, total)))
+    result = storyboard(models, board, character,
+                        hooks=RunHooks(on_step=lambda done, total, _: steps.append((done, total))))
     return result, steps
 
 
@@ -118,13 +120,13 @@ def test_cancel_stops_within_a_step_and_the_next_board_is_unchanged(drawn, model
     class Cancelled(Exception):
         pass
 
-    def cancel_at_third_step(done, total):
+    def cancel_at_third_step(done, total, denoised):
         seen.append(done)
         if done == 3:
             raise Cancelled
 
     with pytest.raises(Cancelled):
-        storyboard(models, board, character, step_callback=cancel_at_third_step)
+        storyboard(models, board, character, hooks=RunHooks(on_step=cancel_at_third_step))
     assert seen == [1, 2, 3]
     assert torch.equal(render_panel(models, board, character, 1).image, drawn[0].panels[0].image)
 
@@ -140,7 +142,7 @@ def test_bad_boards_are_refused_by_name_before_drawing(models, character, tiny_f
     steps = []
     with pytest.raises(InputError, match=r"Panel 2 is 81 T5 tokens long with the style; T5 reads at most 64"):
         storyboard(models, Board(["a girl", long_line], settings=SETTINGS), character,
-                   step_callback=lambda *a: steps.append(a))
+                   hooks=RunHooks(on_step=lambda *a: steps.append(a)))
     assert steps == []  # refused before the first step
     with pytest.raises(InputError, match="Storyboard works on characters without a region"):
         storyboard(models, Board(["a girl"], settings=SETTINGS), RegionalCharacter(character, torch.ones(8, 8)))

@@ -12,7 +12,7 @@ writes:
 - :class:`CharacterCall`: one model call: its :class:`CallState`, the adapter copy of the call's device for
   each character, and which characters act on which batch rows.
 
-The projector takes the timestep on the 0–1000 scale, sigma × 1000, as in the pipeline path.
+The character tokens come from :mod:`.tokens`, as on the pipeline path.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from ..errors import NonFiniteResultError
 from ..model.adapter import InstantCharacterAdapter
 from ..reference.character import ReferenceFeatures
 from .regions import share_overlaps, token_region
+from .tokens import merge_reference, project_tokens
 
 
 @dataclass(frozen=True)
@@ -83,25 +84,6 @@ class CharacterEntry:
         return region
 
 
-def merge_reference(adapter: InstantCharacterAdapter, features: ReferenceFeatures,
-                    device: torch.device) -> torch.Tensor:
-    """The projector's timestep-free part for one character on ``device`` (once per run and device)."""
-    proj = adapter.image_proj
-    # ComfyUI loads (or partly loads) the adapter and its layers cast themselves to ``device``; nothing here
-    # moves a module, so its memory bookkeeping stays true
-    dtype = next(proj.parameters()).dtype
-    with torch.inference_mode():
-        return proj.merge_features(*(t.to(device, dtype) for t in features.tensors()))
-
-
-def project_tokens(adapter: InstantCharacterAdapter, merged: torch.Tensor, sigma: float) -> torch.Tensor:
-    """The character tokens at ``sigma`` [1, tokens, token width], on ``merged``'s device."""
-    proj = adapter.image_proj
-    with torch.inference_mode():
-        t = torch.tensor([sigma * 1000.0], device=merged.device).to(merged.dtype)
-        return proj.tokens(merged, t)
-
-
 class _TokenSlot:
     __slots__ = ("lock", "merged", "key", "tokens")
 
@@ -129,7 +111,8 @@ class TokenCache:
             if slot.tokens is None or slot.key != key or slot.tokens.device != device:
                 if slot.merged is None or slot.merged.device != device:
                     slot.merged = merge_reference(adapter, entry.features, device)
-                tokens = project_tokens(adapter, slot.merged, sigma)
+                timestep = torch.tensor([sigma * 1000.0], device=device).to(slot.merged.dtype)
+                tokens = project_tokens(adapter, slot.merged, timestep)
                 if tokens.device.type != "meta" and not torch.isfinite(tokens).all():  # meta holds no values
                     raise NonFiniteResultError(
                         f"The character's tokens at sigma {sigma:.4g} are not finite numbers: its features are "

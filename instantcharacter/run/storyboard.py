@@ -31,7 +31,8 @@ from ..reference.character import plain_features
 from ..reference.consistency import ConsistencyScores, consistency_scores
 from ..reference.images import FIT_MODES, tensor_to_pil
 from .offload.placement import default_device
-from .pipeline import MAX_SEED, GenerationSettings, MemorySettings, generate
+from .pipeline import generate
+from .settings import MAX_SEED, GenerationSettings, MemorySettings, RunHooks
 from .style_loras import StyledFlux
 
 MAX_CANDIDATES = 16
@@ -224,16 +225,14 @@ def encoders_on(encoders, device):
         encoders.to("cpu")
 
 
-def render_panel(models: BoardModels, board: Board, character, number: int, *,
-                 step_callback: Callable[..., None] | None = None, step_latents: bool = False,
-                 cancel_check: Callable[[], None] | None = None,
+def render_panel(models: BoardModels, board: Board, character, number: int, *, hooks: RunHooks = RunHooks(),
                  scoring: Callable[[], ContextManager] | None = None, references=None) -> PanelResult:
     """Draw panel ``number`` (from 1): every candidate, scored, the best kept.
 
-    ``step_callback(done, total)`` counts this panel's steps over all its candidates (``total`` = candidates ×
-    steps); with ``step_latents`` it also gets the step's denoised latents (for live previews). Raising from it
-    stops the panel (Cancel). ``scoring()`` is entered around the score (default: the encoders visit the board's
-    device for it). ``references``: :func:`score_references` of the character, when the caller has them already."""
+    ``hooks`` as :func:`~.pipeline.generate` takes them, ``on_step(done, total, denoised)`` counting this panel's
+    steps over all its candidates (``total`` = candidates × steps). ``scoring()`` is entered around the score
+    (default: the encoders visit the board's device for it). ``references``: :func:`score_references` of the
+    character, when the caller has them already."""
     if not 1 <= number <= board.panels:
         raise InputError(f"Panel {number} is not on this board (panels 1–{board.panels}).")
     features = plain_features(character, "Storyboard")
@@ -243,18 +242,16 @@ def render_panel(models: BoardModels, board: Board, character, number: int, *,
     for candidate in range(1, board.candidates + 1):
         offset = (candidate - 1) * steps
 
-        def on_step(step, total, *denoised, offset=offset):
-            if step_callback is not None:
-                step_callback(offset + step, board.steps_per_panel, *denoised)
+        def on_step(step, total, denoised, offset=offset):
+            hooks.on_step(offset + step, board.steps_per_panel, denoised)
 
         settings = board.candidate_settings(number, candidate)
-        result = generate(models.flux, models.adapter, features, settings, board.memory, step_callback=on_step,
-                          step_latents=step_latents and step_callback is not None, cancel_check=cancel_check)
+        counted = dataclasses.replace(hooks, on_step=on_step if hooks.on_step is not None else None)
+        result = generate(models.flux, models.adapter, features, settings, board.memory, hooks=counted)
         images.append(result.images[0])
         latents.append(result.latents[0])
         seeds.append(settings.seed)
-    if cancel_check is not None:
-        cancel_check()
+    hooks.cancel_point()
     if scoring is None:
         device = board.memory.device if board.memory.device is not None else default_device()
         scoring = lambda: encoders_on(models.encoders, device)  # noqa: E731
@@ -265,12 +262,11 @@ def render_panel(models: BoardModels, board: Board, character, number: int, *,
                        made_by=f"{platform.node()} pid {os.getpid()}")
 
 
-def storyboard(models: BoardModels, board: Board, character, *, step_callback: Callable[..., None] | None = None,
-               step_latents: bool = False, cancel_check: Callable[[], None] | None = None,
+def storyboard(models: BoardModels, board: Board, character, *, hooks: RunHooks = RunHooks(),
                scoring: Callable[[], ContextManager] | None = None, panel_limit: int | None = None,
                on_panel: Callable[[PanelResult], None] | None = None) -> StoryboardResult:
-    """Draw the whole board, panel by panel, in memory. ``step_callback(done, total)`` counts panels × candidates ×
-    steps; ``on_panel(result)`` is called as each panel is finished."""
+    """Draw the whole board, panel by panel, in memory. ``hooks.on_step(done, total, denoised)`` counts panels ×
+    candidates × steps; ``on_panel(result)`` is called as each panel is finished."""
     board.check(panel_limit)
     check_prompt_lengths(getattr(StyledFlux.of(models.flux).pipeline, "tokenizer_2", None), board.prompts,
                          board.settings.max_sequence_length)
@@ -280,12 +276,11 @@ def storyboard(models: BoardModels, board: Board, character, *, step_callback: C
     for number in range(1, board.panels + 1):
         offset = (number - 1) * board.steps_per_panel
 
-        def on_step(done, _, *denoised, offset=offset):
-            if step_callback is not None:
-                step_callback(offset + done, total, *denoised)
+        def on_step(done, _, denoised, offset=offset):
+            hooks.on_step(offset + done, total, denoised)
 
-        panel = render_panel(models, board, character, number, step_callback=on_step, step_latents=step_latents,
-                             cancel_check=cancel_check, scoring=scoring, references=references)
+        counted = dataclasses.replace(hooks, on_step=on_step if hooks.on_step is not None else None)
+        panel = render_panel(models, board, character, number, hooks=counted, scoring=scoring, references=references)
         panels.append(panel)
         if on_panel is not None:
             on_panel(panel)

@@ -24,38 +24,14 @@ def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-_WATCHERS: list[Callable[[str, str], None]] = []
-
-
-@contextlib.contextmanager
-def watching_phases(callback: Callable[[str, str], None]):
-    """Call ``callback(phase, "start" | "end")`` around each phase of the runs made meanwhile: "text encoders",
-    "projector", "denoising", "decode" (the benchmark measures the memory of each)."""
-    _WATCHERS.append(callback)
-    try:
-        yield
-    finally:
-        _WATCHERS.remove(callback)
-
-
-@contextlib.contextmanager
-def _phase(name: str):
-    for watcher in list(_WATCHERS):
-        watcher(name, "start")
-    try:
-        yield
-    finally:
-        for watcher in list(_WATCHERS):
-            watcher(name, "end")
-
-
 class Placement:
     """Where the models of one run live, phase by phase. Made per run (it moves the models to where its mode
     starts them); its phases are context managers, entered in order: :meth:`encoding_prompts`, :meth:`projecting`,
     :meth:`denoising`, :meth:`decoding`; :meth:`restore` undoes what a failed or cancelled run left."""
 
     def __init__(self, flux, adapter, mode: str = "auto", device=None, budget_gb: float | None = None,
-                 fp8: bool = False):
+                 fp8: bool = False, on_phase: Callable[[str, str], None] | None = None):
+        """``on_phase(phase, "start" | "end")`` is called around each phase (see :meth:`_phase`)."""
         if mode not in OFFLOAD_MODES:
             raise ValueError(f"Unknown offload mode {mode!r}; choose one of {', '.join(OFFLOAD_MODES)}.")
         if fp8 and FP8 is None:
@@ -65,6 +41,7 @@ class Placement:
         self.device = torch.device(device) if device is not None else default_device()
         self.offload_device = torch.device("cpu")
         self.fp8 = fp8
+        self.on_phase = on_phase
         self.streamer: BlockStreamer | None = None
         self.text_streamer: BlockStreamer | None = None
         self.plan: Plan | None = None  # the denoising phase's, once it ran
@@ -106,6 +83,17 @@ class Placement:
             mods.append(self.adapter)
         return [m for m in mods if m is not None]
 
+    @contextlib.contextmanager
+    def _phase(self, name: str):
+        """One phase: "text encoders", "projector", "denoising" or "decode", announced to ``on_phase``."""
+        if self.on_phase is not None:
+            self.on_phase(name, "start")
+        try:
+            yield
+        finally:
+            if self.on_phase is not None:
+                self.on_phase(name, "end")
+
     def _side_stream(self):
         if self.device.type == "cuda" and self._copy_stream is None:
             self._copy_stream = torch.cuda.Stream(self.device)
@@ -140,7 +128,7 @@ class Placement:
         streamed when its plan says so (:meth:`text_plan`)."""
         t5 = self.flux.text_encoder_2
         encoders = text_encoders(self.flux)
-        with _phase("text encoders"):
+        with self._phase("text encoders"):
             plan = self.text_plan()
             if plan is None:
                 with self._visiting(*encoders):
@@ -166,13 +154,13 @@ class Placement:
     @contextlib.contextmanager
     def projecting(self):
         """The projector phase: the projector on the device while the character tokens are computed."""
-        with _phase("projector"), self._visiting(self.adapter.image_proj):
+        with self._phase("projector"), self._visiting(self.adapter.image_proj):
             yield
 
     @contextlib.contextmanager
     def decoding(self):
         """The decode phase: the VAE on the device."""
-        with _phase("decode"), self._visiting(*[m for m in (self.flux.vae,) if m is not None]):
+        with self._phase("decode"), self._visiting(*[m for m in (self.flux.vae,) if m is not None]):
             yield
 
     def decode_plan(self, latent_h: int, latent_w: int, dtype: torch.dtype) -> str:
@@ -212,10 +200,10 @@ class Placement:
         t = self.flux.transformer
         blocks, extras = self._groups()
         if self.mode == "off" and not self.fp8:
-            with _phase("denoising"):
+            with self._phase("denoising"):
                 yield
             return
-        with _phase("denoising"):
+        with self._phase("denoising"):
             try:
                 for m in outside_blocks(t):
                     m.to(self.device)
