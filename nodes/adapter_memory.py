@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..instantcharacter.errors import UnsupportedModelError
-from ..instantcharacter.model.attention import _InputCastLinear
+from ..instantcharacter.model.attention import InputCastLinear
 
 ADAPTER_PATCHERS = "_instantcharacter_comfy_patchers"  # on the adapter: its patcher per load device
 _MANAGED = "_instantcharacter_comfy_managed"
@@ -47,7 +47,7 @@ def _input_cast_linear_class():
             dtype = self.weight.dtype
             if self.comfy_cast_weights or self.weight_function or self.bias_function:
                 return base.forward(self, x.to(dtype))
-            return _InputCastLinear.forward(self, x)
+            return InputCastLinear.forward(self, x)
 
     return ComfyInputCastLinear
 

@@ -93,10 +93,10 @@ def test_scale_zero_equals_no_adapter_and_detach_restores(tiny_flux, tiny_adapte
         plain = transformer(**inputs)[0]
         with attach(transformer, tiny_adapter) as att:
             att.context.image_seq_len = 16
-            att.context.tokens = tokens
-            att.context.scale = 0.0
+            att.context.characters = ((tokens, None),)
+            att.context.layer_scales = dict.fromkeys(range(tiny_adapter.num_layers), 0.0)
             zero = transformer(**inputs)[0]
-            att.context.scale = 1.0
+            att.context.layer_scales = dict.fromkeys(range(tiny_adapter.num_layers), 1.0)
             full = transformer(**inputs)[0]
             assert all(type(p).__name__ == "CharacterFluxAttnProcessor" for p in transformer.attn_processors.values())
     assert (zero - plain).abs().max() <= 1e-6
@@ -111,10 +111,11 @@ def test_per_layer_scale_override(tiny_flux, tiny_adapter, features):
     inputs = _transformer_inputs(tiny_flux)
     tokens = character_tokens(tiny_adapter, features, torch.tensor([600.0]), torch.float32)[0]
     with torch.inference_mode(), attach(transformer, tiny_adapter) as att:
-        att.context.image_seq_len, att.context.tokens = 16, tokens
-        att.context.scale = 0.0
+        att.context.image_seq_len, att.context.characters = 16, ((tokens, None),)
+        off = dict.fromkeys(range(tiny_adapter.num_layers), 0.0)
+        att.context.layer_scales = off
         plain = transformer(**inputs)[0]
-        att.context.layer_scales = {tiny_adapter.num_layers - 1: 1.0}  # only the last single block
+        att.context.layer_scales = {**off, tiny_adapter.num_layers - 1: 1.0}  # only the last single block
         last_only = transformer(**inputs)[0]
     assert (last_only - plain).abs().max() > 1e-4
 

@@ -120,7 +120,8 @@ def test_one_transformer_call_matches(reference_pipe, tiny_flux, tiny_adapter):
             emb_dict=dict(length_encoder_hidden_states=text_len),
             subject_emb_dict=dict(ip_hidden_states=tokens, scale=SCALE)))[0]
         with attach(tiny_flux.transformer, tiny_adapter) as att:
-            att.context.tokens, att.context.scale, att.context.image_seq_len = tokens, SCALE, side * side
+            att.context.characters, att.context.image_seq_len = ((tokens, None),), side * side
+            att.context.layer_scales = dict.fromkeys(range(tiny_adapter.num_layers), SCALE)
             ours = tiny_flux.transformer(**inputs)[0]
     diff = (ours - theirs).abs().max().item()
     print(f"\nparity: one transformer call max diff {diff:.3e}")

@@ -89,7 +89,7 @@ def _layer_out(tiny_flux, tiny_adapter, kind, image, text, **context):
     seen = {}
     with torch.inference_mode(), attach(transformer, tiny_adapter) as att:
         att.context.image_seq_len = image.shape[1]
-        att.context.scale = 0.9
+        att.context.layer_scales = dict.fromkeys(range(tiny_adapter.num_layers), 0.9)
         for name, value in context.items():
             setattr(att.context, name, value)
         if kind == "double":
@@ -114,16 +114,15 @@ def test_the_character_term_is_zero_outside_its_region_and_unchanged_inside(tiny
     def out(**context):
         return _layer_out(tiny_flux, tiny_adapter, kind, image, text, **context)
 
-    plain, a_full, b_full = out(), out(tokens=a), out(tokens=b)
+    plain, a_full, b_full = out(), out(characters=((a, None),)), out(characters=((b, None),))
     assert (a_full - plain).abs().max() > 1e-3 and (a_full - b_full).abs().max() > 1e-3
     a_left = out(characters=((a, left),))
     assert torch.equal(a_left[:, IN_RIGHT], plain[:, IN_RIGHT])  # exactly nothing outside
     assert torch.equal(a_left[:, IN_LEFT], a_full[:, IN_LEFT])  # exactly the whole-picture character inside
     both = out(characters=((a, left), (b, right)))
     assert torch.equal(both[:, IN_LEFT], a_full[:, IN_LEFT]) and torch.equal(both[:, IN_RIGHT], b_full[:, IN_RIGHT])
-    # an all-ones region, or the lone character given as a list, is today's layer bit for bit
+    # an all-ones region is the character everywhere, bit for bit
     assert torch.equal(out(characters=((a, torch.ones(32)),)), a_full)
-    assert torch.equal(out(characters=((a, None),)), a_full)
     # a soft region scales the term
     half = out(characters=((a, torch.full((32,), 0.5)),))
     torch.testing.assert_close(half - plain, (a_full - plain) / 2, atol=1e-6, rtol=1e-5)

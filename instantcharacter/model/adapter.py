@@ -66,10 +66,6 @@ class CharacterAttachment:
              for i, (name, layer) in enumerate(zip(processors, adapter.ip_adapter))}
         )
 
-    @property
-    def attached(self) -> bool:
-        return self._previous is not None
-
     def detach(self) -> None:
         if self._previous is not None:
             self.transformer.set_attn_processor(self._previous)

@@ -36,7 +36,7 @@ class HeadNorm(nn.Module):
         return self.scale.to(x.device) * (x / (rms + self.eps))
 
 
-class _InputCastLinear(nn.Linear):
+class InputCastLinear(nn.Linear):
     """A Linear that computes in its weight's dtype at the moment it runs: the block streamer may swap in a copy
     of the weight (not of the bias) in the transformer's dtype just before, so with a FLUX in bf16 and an
     adapter loaded in fp32 the dtype cannot be read beforehand."""
@@ -55,9 +55,9 @@ class CharacterAttentionLayer(nn.Module):
         super().__init__()
         self.head_dim = head_dim
         self.norm_ip_q = HeadNorm(head_dim)
-        self.to_k_ip = _InputCastLinear(token_dim, hidden_size)
+        self.to_k_ip = InputCastLinear(token_dim, hidden_size)
         self.norm_ip_k = HeadNorm(head_dim)
-        self.to_v_ip = _InputCastLinear(token_dim, hidden_size)
+        self.to_v_ip = InputCastLinear(token_dim, hidden_size)
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
         return t.unflatten(-1, (-1, self.head_dim)).transpose(1, 2)
@@ -84,15 +84,26 @@ class CharacterAttentionLayer(nn.Module):
         return self.attend(image_query, *self.keys_values(tokens))
 
 
+def weighted_sum(terms) -> torch.Tensor:
+    """The characters' attention terms added up, each times its weight: ``terms`` are (term [B, L, H·D], weight)
+    pairs, the weight None (1 everywhere) or a tensor broadcast against the term (per generated token, per batch
+    row, or both). Both paths add their characters here."""
+    total = None
+    for term, weight in terms:
+        if weight is not None:
+            term = term * weight.to(term.device, term.dtype)
+        total = term if total is None else total + term
+    return total
+
+
 @dataclass
 class CharacterContext:
     """Per-call state shared by every processor of one transformer.
 
     The pipeline sets the characters before each transformer call (their tokens depend on the timestep):
-    ``tokens`` for one character acting on the whole picture, or ``characters``, pairs of (tokens, weight per
-    image token or None for everywhere), for several or regional ones; the layer adds the terms of both.
-    ``scale`` multiplies the character attention; no tokens or scale 0 switch it off.
-    ``layer_scales`` optionally overrides the scale per layer index (double blocks first).
+    ``characters``, pairs of (tokens, weight per image token or None for everywhere); none switch the character
+    attention off. ``layer_scales`` multiplies it per layer index (double blocks first; 1 for a layer not listed;
+    0 switches that layer off).
     ``image_seq_len`` is the number of image tokens: single-stream layers see [text ; image] and the
     character acts on the image positions only.
     ``kv_cache``, when a dict, keeps each layer's character keys and values from one transformer call for the
@@ -100,8 +111,6 @@ class CharacterContext:
     pass reuses the positive pass's projections); None projects them in every call.
     """
 
-    tokens: torch.Tensor | None = None
-    scale: float = 1.0
     image_seq_len: int = 0
     layer_scales: dict[int, float] = field(default_factory=dict)
     characters: tuple[tuple[torch.Tensor, torch.Tensor | None], ...] = ()
@@ -118,11 +127,7 @@ class CharacterContext:
         return found
 
     def scale_for(self, index: int) -> float:
-        return self.layer_scales.get(index, self.scale)
-
-    def acting(self) -> tuple[tuple[torch.Tensor, torch.Tensor | None], ...]:
-        lone = () if self.tokens is None else ((self.tokens, None),)
-        return lone + tuple(self.characters)
+        return self.layer_scales.get(index, 1.0)
 
 
 class CharacterFluxAttnProcessor:
@@ -171,7 +176,7 @@ class CharacterFluxAttnProcessor:
         out = out.flatten(2, 3).to(query.dtype)
 
         scale = self.context.scale_for(self.index)
-        acting = self.context.acting() if scale != 0 else ()
+        acting = self.context.characters if scale != 0 else ()
 
         if double_stream:
             text_len = encoder_hidden_states.shape[1]
@@ -191,10 +196,7 @@ class CharacterFluxAttnProcessor:
 
     def _characters(self, image_query: torch.Tensor, acting) -> torch.Tensor:
         """The sum of the characters' attention, each times its weight per image token (where it has one)."""
-        total = None
-        for position, (tokens, weight) in enumerate(acting):
-            term = self.layer.attend(image_query, *self.context.keys_values(self.index, position, self.layer, tokens))
-            if weight is not None:
-                term = term * weight.to(term.device, term.dtype)[None, :, None]
-            total = term if total is None else total + term
-        return total
+        return weighted_sum(
+            (self.layer.attend(image_query, *self.context.keys_values(self.index, position, self.layer, tokens)),
+             None if weight is None else weight[None, :, None])
+            for position, (tokens, weight) in enumerate(acting))

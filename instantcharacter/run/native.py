@@ -25,6 +25,7 @@ import torch
 
 from ..errors import NonFiniteResultError
 from ..model.adapter import InstantCharacterAdapter
+from ..model.attention import weighted_sum
 from ..reference.character import ReferenceFeatures
 from .regions import share_overlaps, token_region
 from .tokens import merge_reference, project_tokens
@@ -223,7 +224,7 @@ class CharacterCall:
         if not isinstance(self.rows, slice):
             raw_query = raw_query[self.rows]
         regions = share_overlaps([a.entry.region(self.state.grid) for a in self.acting])
-        total = None
+        terms = []
         for acting, scale, own, region in zip(self.acting, self._scales, self._own_rows, regions):
             tokens = self.run.tokens.tokens(acting.entry, acting.adapter, self.state.sigma, raw_query.device)
             query = raw_query if own is None else raw_query[own]
@@ -233,6 +234,5 @@ class CharacterCall:
             weight = scale.to(out.dtype)[:, None, None]
             if region is not None:
                 weight = weight * region.to(out.device, out.dtype)[None, :, None]
-            out = out * weight
-            total = out if total is None else total + out
-        return total
+            terms.append((out, weight))
+        return weighted_sum(terms)

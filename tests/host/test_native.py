@@ -101,8 +101,9 @@ def _diffusers_call(flux, adapter, features, x, ctx, pooled, sigma, scale):
     ids[:, 1], ids[:, 2] = torch.arange(h // 2 * w // 2) // (w // 2), torch.arange(h // 2 * w // 2) % (w // 2)
     with torch.inference_mode(), attach(t, adapter) as att:
         att.context.image_seq_len = ids.shape[0]
-        att.context.scale = scale
-        att.context.tokens = adapter.image_proj(*features.tensors(), torch.tensor([sigma * 1000.0])) if scale else None
+        att.context.layer_scales = dict.fromkeys(range(adapter.num_layers), scale)
+        if scale:
+            att.context.characters = ((adapter.image_proj(*features.tensors(), torch.tensor([sigma * 1000.0])), None),)
         out = t(hidden_states=_pack(x), timestep=torch.full([b], sigma), guidance=torch.full([b], 3.5),
                 pooled_projections=pooled, encoder_hidden_states=ctx, txt_ids=torch.zeros(ctx.shape[1], 3),
                 img_ids=ids, return_dict=False)[0]
@@ -412,7 +413,8 @@ def test_regional_characters_act_the_same_on_both_paths(pack, comfy_flux, tiny_f
     ids = torch.zeros(h // 2 * w // 2, 3)
     ids[:, 1], ids[:, 2] = torch.arange(h // 2 * w // 2) // (w // 2), torch.arange(h // 2 * w // 2) % (w // 2)
     with torch.inference_mode(), attach(t, tiny_adapter) as att:
-        att.context.image_seq_len, att.context.scale = ids.shape[0], 0.9
+        att.context.image_seq_len = ids.shape[0]
+        att.context.layer_scales = dict.fromkeys(range(tiny_adapter.num_layers), 0.9)
         att.context.characters = tuple((tiny_adapter.image_proj(*m.features.tensors(), torch.tensor([sigma * 1000.0])),
                                         weight) for m, weight in cast)
         pipeline = _unpack(t(hidden_states=_pack(x), timestep=torch.full([b], sigma), guidance=torch.full([b], 3.5),
