@@ -74,11 +74,11 @@ def test_a_loaded_character_gives_the_same_latents_as_the_encoded_one(tiny_flux,
 
 
 def test_a_loaded_character_gives_apply_the_same_character_tokens(tiny_adapter, features, saved):
-    from instantcharacter.run.native import merge_reference, project_tokens
+    from instantcharacter.run.tokens import merge_reference, project_tokens
 
-    device = torch.device("cpu")
-    encoded = project_tokens(tiny_adapter, merge_reference(tiny_adapter, features, device), 0.5)
-    loaded = project_tokens(tiny_adapter, merge_reference(tiny_adapter, load_character(saved), device), 0.5)
+    device, sigma = torch.device("cpu"), torch.tensor([500.0])  # sigma 0.5 on the projector's 0–1000 scale
+    encoded = project_tokens(tiny_adapter, merge_reference(tiny_adapter, features, device), sigma)
+    loaded = project_tokens(tiny_adapter, merge_reference(tiny_adapter, load_character(saved), device), sigma)
     assert torch.equal(encoded, loaded)
 
 
