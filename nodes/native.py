@@ -49,7 +49,7 @@ class ApplyToModel(io.ComfyNode):
         import comfy.patcher_extension as ext
 
         from ..instantcharacter.errors import InputError
-        from ..instantcharacter.run.native import CharacterEntry, CharacterSet
+        from ..instantcharacter.run.native_characters import CharacterEntry, CharacterSet
         from ..instantcharacter.reference.character import characters_in
         from .native_patch import (CharacterBlockPatch, apply_model_wrapper, check_flux_model,
                                    diffusion_model_wrapper, outer_sample_wrapper)

@@ -134,7 +134,7 @@ def _other_width_encoders(tiny_encoders) -> ReferenceEncoders:
 
 def test_a_character_from_other_encoder_widths_is_refused_where_it_is_used(tiny_encoders, tiny_flux, tiny_adapter,
                                                                           features, tmp_path):
-    from instantcharacter.run.native import CharacterEntry
+    from instantcharacter.run.native_characters import CharacterEntry
 
     other = _other_width_encoders(tiny_encoders).encode([Image.open(ASSETS / "reference_girl.png")])
     loaded = load_character(save_character(other, tmp_path / "other.safetensors"))

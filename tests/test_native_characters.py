@@ -17,7 +17,7 @@ def features(tiny_encoders):
 
 
 def _call(run, adapters, negative_rows, sigma=0.6, grid=(2, 3)):
-    from instantcharacter.run.native import CallState
+    from instantcharacter.run.native_characters import CallState
 
     state = CallState(sigma=sigma, negative_rows=tuple(negative_rows), text_len=4, grid=grid,
                       image_tokens=grid[0] * grid[1], device=CPU)
@@ -27,7 +27,7 @@ def _call(run, adapters, negative_rows, sigma=0.6, grid=(2, 3)):
 def test_a_run_keeps_one_sigmas_tokens_and_projects_each_sigma_once(tiny_adapter, features, monkeypatch):
     """What a character holds on the device between model calls: one token set (the negative and positive
     passes of a step share it) and the merged features, not one set per step."""
-    from instantcharacter.run.native import CharacterEntry, CharacterSet
+    from instantcharacter.run.native_characters import CharacterEntry, CharacterSet
 
     entry = CharacterEntry(tiny_adapter, features, 0.9)
     run = CharacterSet((entry,)).run()
@@ -43,7 +43,7 @@ def test_a_run_keeps_one_sigmas_tokens_and_projects_each_sigma_once(tiny_adapter
 def test_keys_and_values_are_projected_once_per_call_for_every_row(tiny_adapter, features):
     """Batch 4 (two cond and two uncond rows): each layer projects the character's keys and values once, from
     one token row, and the result equals projecting them for every row (as before) within float rounding."""
-    from instantcharacter.run.native import CharacterEntry, CharacterSet
+    from instantcharacter.run.native_characters import CharacterEntry, CharacterSet
 
     run = CharacterSet((CharacterEntry(tiny_adapter, features, 0.9),)).run()
     call = _call(run, [tiny_adapter], (False, False, True, True))
@@ -67,7 +67,7 @@ def test_keys_and_values_are_projected_once_per_call_for_every_row(tiny_adapter,
 def test_rows_no_character_acts_on_are_left_out(tiny_adapter, features):
     """A character off on the negative pass computes its attention for the positive rows only; a second one
     that acts on every row still gets its share on all of them."""
-    from instantcharacter.run.native import CharacterEntry, CharacterSet
+    from instantcharacter.run.native_characters import CharacterEntry, CharacterSet
 
     positive_only = CharacterEntry(tiny_adapter, features, 0.9, on_negative=False)
     everywhere = CharacterEntry(tiny_adapter, features, 0.5)
@@ -96,7 +96,7 @@ def test_concurrent_calls_on_two_adapter_copies_get_their_own_tokens(tiny_adapte
     answer is computed by and for its copy, and each copy's sigma is projected once."""
     import copy
 
-    from instantcharacter.run.native import CharacterEntry, CharacterSet
+    from instantcharacter.run.native_characters import CharacterEntry, CharacterSet
 
     other = copy.deepcopy(tiny_adapter)
     with torch.no_grad():

@@ -1,6 +1,6 @@
 """Character tokens from a character's features: the projector's timestep-free part once per character (and
 device), then the tokens per timestep. Both paths make them here: the pipeline for every step up front
-(:func:`character_tokens`), the native path per model call (:class:`~.native.TokenCache`). The
+(:func:`character_tokens`), the native path per model call (:class:`~.native_characters.TokenCache`). The
 projector takes the timestep on the 0–1000 scale, sigma × 1000."""
 
 from __future__ import annotations

@@ -71,7 +71,7 @@ def _unpack(x, h, w):
 def _patches(pack, comfy_flux, entries, previous=None):
     """transformer_options carrying the pack's block patches and its DIFFUSION_MODEL wrapper, as Apply sets
     them on a MODEL (an OUTER_SAMPLE run is not involved in these direct calls)."""
-    from instantcharacter.run.native import CharacterSet
+    from instantcharacter.run.native_characters import CharacterSet
 
     characters = CharacterSet(tuple(entries))
     patches = {}
@@ -111,7 +111,7 @@ def _diffusers_call(flux, adapter, features, x, ctx, pooled, sigma, scale):
 
 
 def test_one_model_call_matches_the_pipeline_path(pack, comfy_flux, tiny_flux, tiny_adapter, features):
-    from instantcharacter.run.native import CharacterEntry
+    from instantcharacter.run.native_characters import CharacterEntry
 
     x, ctx, pooled = _inputs(tiny_flux)
     entry = CharacterEntry(tiny_adapter, features, 0.9)
@@ -125,7 +125,7 @@ def test_one_model_call_matches_the_pipeline_path(pack, comfy_flux, tiny_flux, t
 
 
 def test_a_few_euler_steps_match(pack, comfy_flux, tiny_flux, tiny_adapter, features):
-    from instantcharacter.run.native import CharacterEntry
+    from instantcharacter.run.native_characters import CharacterEntry
 
     x0, ctx, pooled = _inputs(tiny_flux, batch=1)
     sigmas = [1.0, 0.75, 0.5, 0.25, 0.0]
@@ -141,7 +141,7 @@ def test_a_few_euler_steps_match(pack, comfy_flux, tiny_flux, tiny_adapter, feat
 
 
 def test_weight_zero_and_outside_the_window_are_exactly_unpatched(pack, comfy_flux, tiny_flux, tiny_adapter, features):
-    from instantcharacter.run.native import CharacterEntry
+    from instantcharacter.run.native_characters import CharacterEntry
 
     x, ctx, pooled = _inputs(tiny_flux)
     plain = _comfy_call(comfy_flux, x, ctx, pooled, 0.6, {})
@@ -154,7 +154,7 @@ def test_weight_zero_and_outside_the_window_are_exactly_unpatched(pack, comfy_fl
 
 
 def test_negative_pass_can_be_left_alone(pack, comfy_flux, tiny_flux, tiny_adapter, features):
-    from instantcharacter.run.native import CharacterEntry
+    from instantcharacter.run.native_characters import CharacterEntry
 
     x, ctx, pooled = _inputs(tiny_flux)  # batch 2 = [cond, uncond]
     plain = _comfy_call(comfy_flux, x, ctx, pooled, 0.6, {}, [0, 1])
@@ -165,7 +165,7 @@ def test_negative_pass_can_be_left_alone(pack, comfy_flux, tiny_flux, tiny_adapt
 
 
 def test_two_characters_compose_and_foreign_patches_are_kept(pack, comfy_flux, tiny_flux, tiny_adapter, features):
-    from instantcharacter.run.native import CharacterEntry
+    from instantcharacter.run.native_characters import CharacterEntry
 
     x, ctx, pooled = _inputs(tiny_flux)
     a = CharacterEntry(tiny_adapter, features, 0.5)
@@ -220,7 +220,7 @@ def test_fp8_model_through_comfyuis_manual_cast(pack, comfy, tiny_flux, tiny_ada
 
     from safetensors.torch import save_file
 
-    from instantcharacter.run.native import CharacterEntry
+    from instantcharacter.run.native_characters import CharacterEntry
     from instantcharacter.files.single_file import load_flux_transformer
 
     model = _comfy_twin(tiny_flux.transformer, torch.float8_e4m3fn, comfy.ops.manual_cast)
@@ -269,7 +269,7 @@ class _CallerWithoutOptions(dict):
 @pytest.mark.parametrize("in_second_dict", [False, True], ids=["teacache_style", "pulid_style"])
 def test_callers_that_pass_no_options_keep_the_window_and_the_negative_switch(
         pack, comfy_flux, tiny_flux, tiny_adapter, features, in_second_dict):
-    from instantcharacter.run.native import CharacterEntry
+    from instantcharacter.run.native_characters import CharacterEntry
 
     def run(entry, sigma, chunks=(0, 1)):
         patched = _patches(pack, comfy_flux, [entry])
@@ -289,7 +289,7 @@ def test_callers_that_pass_no_options_keep_the_window_and_the_negative_switch(
 
 
 def test_pulid_stacks_its_callbacks_on_our_patch_with_add(pack, comfy_flux, tiny_flux, tiny_adapter, features):
-    from instantcharacter.run.native import CharacterEntry
+    from instantcharacter.run.native_characters import CharacterEntry
 
     x, ctx, pooled = _inputs(tiny_flux)
     entry = CharacterEntry(tiny_adapter, features, 0.9)
@@ -317,7 +317,7 @@ def test_pulid_stacks_its_callbacks_on_our_patch_with_add(pack, comfy_flux, tiny
 
 
 def test_a_foreign_patch_registered_after_ours_does_not_crash(pack, comfy_flux, tiny_flux, tiny_adapter, features):
-    from instantcharacter.run.native import CharacterEntry
+    from instantcharacter.run.native_characters import CharacterEntry
 
     x, ctx, pooled = _inputs(tiny_flux)
     plain = _comfy_call(comfy_flux, x, ctx, pooled, 0.6, {})
@@ -343,7 +343,7 @@ def _first_block_output(pack, comfy_flux, x, ctx, pooled, entries, sigma=0.6, **
 
 
 def test_kontext_reference_tokens_are_left_alone(pack, comfy_flux, tiny_flux, tiny_adapter, features):
-    from instantcharacter.run.native import CharacterEntry
+    from instantcharacter.run.native_characters import CharacterEntry
 
     x, ctx, pooled = _inputs(tiny_flux)  # 8×8 latent: 16 generated tokens
     reference = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(9))
@@ -357,7 +357,7 @@ def test_kontext_reference_tokens_are_left_alone(pack, comfy_flux, tiny_flux, ti
 
 def test_a_region_confines_the_character_and_two_regions_split_the_picture(
         pack, comfy_flux, tiny_flux, tiny_adapter, features):
-    from instantcharacter.run.native import CharacterEntry
+    from instantcharacter.run.native_characters import CharacterEntry
 
     x, ctx, pooled = _inputs(tiny_flux)
     left = torch.zeros(1, 64, 64)
@@ -395,7 +395,7 @@ def test_regional_characters_act_the_same_on_both_paths(pack, comfy_flux, tiny_f
     from PIL import Image
 
     from instantcharacter.model.adapter import attach
-    from instantcharacter.run.native import CharacterEntry
+    from instantcharacter.run.native_characters import CharacterEntry
     from instantcharacter.reference.character import RegionalCharacter
     from instantcharacter.run.regions import character_weights
 
@@ -455,7 +455,7 @@ def test_apply_takes_regional_and_combined_characters(pack, comfy, comfy_flux, t
 
 def test_character_off_is_bit_identical_with_references_and_an_attention_mask(
         pack, comfy_flux, tiny_flux, tiny_adapter, features):
-    from instantcharacter.run.native import CharacterEntry
+    from instantcharacter.run.native_characters import CharacterEntry
 
     silent = copy.deepcopy(tiny_adapter)
     with torch.no_grad():
@@ -533,7 +533,7 @@ def test_the_window_follows_a_sampling_shift_placed_after_apply(pack, comfy, com
 
 
 def test_the_negative_pass_is_told_by_the_negative_conditioning_not_by_position(tiny_adapter, features):
-    from instantcharacter.run.native import CharacterSet
+    from instantcharacter.run.native_characters import CharacterSet
 
     run = CharacterSet().run(None, {"neg"})
     # DualCFGGuider batches [negative, middle, positive]: chunk index 0 is the negative one there
@@ -589,7 +589,7 @@ def test_implausible_features_stop_the_call_by_name_instead_of_a_nan_picture(pac
     character's tokens NaN: the model call stops with a named error instead of returning a NaN picture."""
     import dataclasses
 
-    from instantcharacter.run.native import CharacterEntry
+    from instantcharacter.run.native_characters import CharacterEntry
 
     huge = dataclasses.replace(features, **{k: getattr(features, k) * 1e30 for k in
                                             ("low_res_shallow", "low_res_deep", "high_res_deep")})

@@ -199,7 +199,7 @@ class _Counts:
     def __init__(self, patched):
         import importlib
 
-        self.call_class = importlib.import_module("instantcharacter_pack_native.instantcharacter.run.native").CharacterCall
+        self.call_class = importlib.import_module("instantcharacter_pack_native.instantcharacter.run.native_characters").CharacterCall
         self.block_runs = self.layer_deltas = 0
         delta = self.call_class.delta
 

@@ -130,7 +130,7 @@ def test_a_partial_load_is_counted_as_it_lies_and_the_character_moves_nothing(pa
     ComfyUI's back)."""
     import comfy.model_management as mm
 
-    from instantcharacter.run.native import CallState, CharacterEntry, CharacterSet
+    from instantcharacter.run.native_characters import CallState, CharacterEntry, CharacterSet
 
     adapter = fresh()
     _stand_in_gpu(monkeypatch, mm, META, 8 * 2**30, vram_state=mm.VRAMState.NO_VRAM)
@@ -169,7 +169,7 @@ def test_with_the_adapter_left_offloaded_comfyuis_casting_gives_the_same_result(
     runs through ComfyUI's cast path and gives the fully loaded result bit for bit."""
     import comfy.model_management as mm
 
-    from instantcharacter.run.native import CharacterEntry
+    from instantcharacter.run.native_characters import CharacterEntry
 
     adapter = fresh()
     x, ctx, pooled = _inputs(tiny_flux)

@@ -73,7 +73,7 @@ class _Uses:
 
     def __init__(self):
         self.call_class = importlib.import_module(
-            "instantcharacter_pack_native.instantcharacter.run.native").CharacterCall
+            "instantcharacter_pack_native.instantcharacter.run.native_characters").CharacterCall
         self.seen = []
         self.lock = threading.Lock()
 
