@@ -49,7 +49,7 @@ class ApplyToModel(io.ComfyNode):
         import comfy.patcher_extension as ext
 
         from ..instantcharacter.errors import InputError
-        from ..instantcharacter.run.native_characters import CharacterEntry, CharacterSet
+        from ..instantcharacter.run.native_characters import AppliedCharacter, CharacterSet
         from ..instantcharacter.reference.character import characters_in
         from .native_patch import (CharacterBlockPatch, apply_model_wrapper, check_flux_model,
                                    diffusion_model_wrapper, outer_sample_wrapper)
@@ -63,7 +63,7 @@ class ApplyToModel(io.ComfyNode):
         if mask is not None and any(m.mask is not None for m in members):
             raise InputError("Apply's mask is connected and the character already has a region (from Character "
                              "Region): disconnect one of the two.")
-        entries = [CharacterEntry(adapter, m.features, weight * m.strength, start_percent, end_percent,
+        entries = [AppliedCharacter(adapter, m.features, weight * m.strength, start_percent, end_percent,
                                   apply_to_negative, mask if m.mask is None else m.mask,
                                   sigma_start=sampling.percent_to_sigma(start_percent),
                                   sigma_end=sampling.percent_to_sigma(end_percent)) for m in members]

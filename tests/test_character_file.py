@@ -134,7 +134,7 @@ def _other_width_encoders(tiny_encoders) -> ReferenceEncoders:
 
 def test_a_character_from_other_encoder_widths_is_refused_where_it_is_used(tiny_encoders, tiny_flux, tiny_adapter,
                                                                           features, tmp_path):
-    from instantcharacter.run.native_characters import CharacterEntry
+    from instantcharacter.run.native_characters import AppliedCharacter
 
     other = _other_width_encoders(tiny_encoders).encode([Image.open(ASSETS / "reference_girl.png")])
     loaded = load_character(save_character(other, tmp_path / "other.safetensors"))
@@ -144,7 +144,7 @@ def test_a_character_from_other_encoder_widths_is_refused_where_it_is_used(tiny_
         run_generation(tiny_flux, tiny_adapter, loaded, "a girl", **RUN, on_step=lambda *a: calls.append(a))
     assert not calls
     with pytest.raises(InputError, match="112 channels wide"):
-        CharacterEntry(tiny_adapter, loaded, 0.9)
+        AppliedCharacter(tiny_adapter, loaded, 0.9)
     with pytest.raises(InputError, match="made by different encoders"):
         ReferenceFeatures.blend([features, loaded])
 

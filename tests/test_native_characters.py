@@ -27,9 +27,9 @@ def _call(run, adapters, negative_rows, sigma=0.6, grid=(2, 3)):
 def test_a_run_keeps_one_sigmas_tokens_and_projects_each_sigma_once(tiny_adapter, features, monkeypatch):
     """What a character holds on the device between model calls: one token set (the negative and positive
     passes of a step share it) and the merged features, not one set per step."""
-    from instantcharacter.run.native_characters import CharacterEntry, CharacterSet
+    from instantcharacter.run.native_characters import AppliedCharacter, CharacterSet
 
-    entry = CharacterEntry(tiny_adapter, features, 0.9)
+    entry = AppliedCharacter(tiny_adapter, features, 0.9)
     run = CharacterSet((entry,)).run()
     projected = []
     tokens = tiny_adapter.image_proj.tokens
@@ -43,9 +43,9 @@ def test_a_run_keeps_one_sigmas_tokens_and_projects_each_sigma_once(tiny_adapter
 def test_keys_and_values_are_projected_once_per_call_for_every_row(tiny_adapter, features):
     """Batch 4 (two cond and two uncond rows): each layer projects the character's keys and values once, from
     one token row, and the result equals projecting them for every row (as before) within float rounding."""
-    from instantcharacter.run.native_characters import CharacterEntry, CharacterSet
+    from instantcharacter.run.native_characters import AppliedCharacter, CharacterSet
 
-    run = CharacterSet((CharacterEntry(tiny_adapter, features, 0.9),)).run()
+    run = CharacterSet((AppliedCharacter(tiny_adapter, features, 0.9),)).run()
     call = _call(run, [tiny_adapter], (False, False, True, True))
     rows_projected = []
     hooks = [layer.to_k_ip.register_forward_hook(lambda m, i, o: rows_projected.append(i[0].shape[0]))
@@ -67,10 +67,10 @@ def test_keys_and_values_are_projected_once_per_call_for_every_row(tiny_adapter,
 def test_rows_no_character_acts_on_are_left_out(tiny_adapter, features):
     """A character off on the negative pass computes its attention for the positive rows only; a second one
     that acts on every row still gets its share on all of them."""
-    from instantcharacter.run.native_characters import CharacterEntry, CharacterSet
+    from instantcharacter.run.native_characters import AppliedCharacter, CharacterSet
 
-    positive_only = CharacterEntry(tiny_adapter, features, 0.9, on_negative=False)
-    everywhere = CharacterEntry(tiny_adapter, features, 0.5)
+    positive_only = AppliedCharacter(tiny_adapter, features, 0.9, on_negative=False)
+    everywhere = AppliedCharacter(tiny_adapter, features, 0.5)
     query = torch.randn(4, 6, tiny_adapter.hidden_size, generator=torch.Generator().manual_seed(2))
     seen = []
     hook = tiny_adapter.ip_adapter[0].norm_ip_q.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))
@@ -96,13 +96,13 @@ def test_concurrent_calls_on_two_adapter_copies_get_their_own_tokens(tiny_adapte
     answer is computed by and for its copy, and each copy's sigma is projected once."""
     import copy
 
-    from instantcharacter.run.native_characters import CharacterEntry, CharacterSet
+    from instantcharacter.run.native_characters import AppliedCharacter, CharacterSet
 
     other = copy.deepcopy(tiny_adapter)
     with torch.no_grad():
         for p in other.image_proj.parameters():
             p.mul_(1.01)
-    entry = CharacterEntry(tiny_adapter, features, 0.9)
+    entry = AppliedCharacter(tiny_adapter, features, 0.9)
     run = CharacterSet((entry,)).run()
     expected = {id(a): run.tokens.tokens(entry, a, 0.5, CPU).clone() for a in (tiny_adapter, other)}
     assert not torch.equal(*expected.values())

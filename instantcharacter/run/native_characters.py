@@ -47,7 +47,7 @@ class CallState:
         return self.grid[0] * self.grid[1]
 
 
-class CharacterEntry:
+class AppliedCharacter:
     """One Apply node: a character with its weight, its window of the schedule and an optional region.
 
     The window is ``start_percent``–``end_percent`` of the schedule, turned into sigmas for each sampling run
@@ -103,7 +103,7 @@ class TokenCache:
         self._lock = threading.Lock()
         self._slots: dict[tuple[int, int], _TokenSlot] = {}
 
-    def tokens(self, entry: CharacterEntry, adapter: InstantCharacterAdapter, sigma: float,
+    def tokens(self, entry: AppliedCharacter, adapter: InstantCharacterAdapter, sigma: float,
                device: torch.device) -> torch.Tensor:
         with self._lock:
             slot = self._slots.setdefault((id(entry), id(adapter)), _TokenSlot())
@@ -133,11 +133,11 @@ class CharacterSet:
     """Every character applied to one MODEL (Apply nodes in a row add up). Never changed once made: a MODEL
     patched again gets a new set."""
 
-    def __init__(self, entries: tuple[CharacterEntry, ...] = ()):
+    def __init__(self, entries: tuple[AppliedCharacter, ...] = ()):
         self.entries = tuple(entries)
         self.outside_runs = RunState(self)  # for model calls made outside a sampling run
 
-    def with_entry(self, entry: CharacterEntry) -> "CharacterSet":
+    def with_entry(self, entry: AppliedCharacter) -> "CharacterSet":
         return CharacterSet(self.entries + (entry,))
 
     def __deepcopy__(self, memo):
@@ -181,15 +181,15 @@ class RunState:
             rows = tuple(0.0 if negative and not entry.on_negative else entry.weight
                          for negative in state.negative_rows)
             if any(rows):
-                acting.append(Acting(entry, adapter, rows))
+                acting.append(ActingCharacter(entry, adapter, rows))
         return CharacterCall(self, state, tuple(acting), model)
 
 
 @dataclass(frozen=True)
-class Acting:
+class ActingCharacter:
     """A character acting in one model call: the adapter copy it uses there and its weight per batch row."""
 
-    entry: CharacterEntry
+    entry: AppliedCharacter
     adapter: InstantCharacterAdapter
     rows: tuple[float, ...]
 
@@ -197,7 +197,7 @@ class Acting:
 class CharacterCall:
     """One model call: made by the call, read by its blocks, written by nobody else."""
 
-    def __init__(self, run: RunState, state: CallState, acting: tuple[Acting, ...], model=None):
+    def __init__(self, run: RunState, state: CallState, acting: tuple[ActingCharacter, ...], model=None):
         self.run, self.state, self.acting, self.model = run, state, acting, model
         self.characters = run.characters
         batch = len(state.negative_rows)
@@ -208,7 +208,7 @@ class CharacterCall:
         self._scales = [torch.tensor([a.rows[i] for i in rows], device=state.device) for a in acting]
         self._own_rows = [self._positions(a) for a in acting]
 
-    def _positions(self, acting: Acting) -> torch.Tensor | None:
+    def _positions(self, acting: ActingCharacter) -> torch.Tensor | None:
         """Where this character's rows lie among the call's acting rows (None: all of them)."""
         own = [k for k, i in enumerate(self._row_list) if acting.rows[i]]
         return None if len(own) == len(self._row_list) else torch.tensor(own, device=self.state.device)

@@ -111,10 +111,10 @@ def _diffusers_call(flux, adapter, features, x, ctx, pooled, sigma, scale):
 
 
 def test_one_model_call_matches_the_pipeline_path(pack, comfy_flux, tiny_flux, tiny_adapter, features):
-    from instantcharacter.run.native_characters import CharacterEntry
+    from instantcharacter.run.native_characters import AppliedCharacter
 
     x, ctx, pooled = _inputs(tiny_flux)
-    entry = CharacterEntry(tiny_adapter, features, 0.9)
+    entry = AppliedCharacter(tiny_adapter, features, 0.9)
     native = _comfy_call(comfy_flux, x, ctx, pooled, 0.7, _patches(pack, comfy_flux, [entry]))
     pipeline = _diffusers_call(tiny_flux, tiny_adapter, features, x, ctx, pooled, 0.7, 0.9)
     plain = _diffusers_call(tiny_flux, tiny_adapter, features, x, ctx, pooled, 0.7, 0.0)
@@ -125,11 +125,11 @@ def test_one_model_call_matches_the_pipeline_path(pack, comfy_flux, tiny_flux, t
 
 
 def test_a_few_euler_steps_match(pack, comfy_flux, tiny_flux, tiny_adapter, features):
-    from instantcharacter.run.native_characters import CharacterEntry
+    from instantcharacter.run.native_characters import AppliedCharacter
 
     x0, ctx, pooled = _inputs(tiny_flux, batch=1)
     sigmas = [1.0, 0.75, 0.5, 0.25, 0.0]
-    entry = CharacterEntry(tiny_adapter, features, 0.9)
+    entry = AppliedCharacter(tiny_adapter, features, 0.9)
     patches = _patches(pack, comfy_flux, [entry])
     a = b = x0
     for s, s_next in zip(sigmas, sigmas[1:]):
@@ -141,12 +141,12 @@ def test_a_few_euler_steps_match(pack, comfy_flux, tiny_flux, tiny_adapter, feat
 
 
 def test_weight_zero_and_outside_the_window_are_exactly_unpatched(pack, comfy_flux, tiny_flux, tiny_adapter, features):
-    from instantcharacter.run.native_characters import CharacterEntry
+    from instantcharacter.run.native_characters import AppliedCharacter
 
     x, ctx, pooled = _inputs(tiny_flux)
     plain = _comfy_call(comfy_flux, x, ctx, pooled, 0.6, {})
-    zero = _comfy_call(comfy_flux, x, ctx, pooled, 0.6, _patches(pack, comfy_flux, [CharacterEntry(tiny_adapter, features, 0.0)]))
-    late = CharacterEntry(tiny_adapter, features, 0.9, sigma_start=0.5, sigma_end=0.0)  # acts only below 0.5
+    zero = _comfy_call(comfy_flux, x, ctx, pooled, 0.6, _patches(pack, comfy_flux, [AppliedCharacter(tiny_adapter, features, 0.0)]))
+    late = AppliedCharacter(tiny_adapter, features, 0.9, sigma_start=0.5, sigma_end=0.0)  # acts only below 0.5
     outside = _comfy_call(comfy_flux, x, ctx, pooled, 0.6, _patches(pack, comfy_flux, [late]))
     inside = _comfy_call(comfy_flux, x, ctx, pooled, 0.4, _patches(pack, comfy_flux, [late]))
     assert torch.equal(zero, plain) and torch.equal(outside, plain)
@@ -154,23 +154,23 @@ def test_weight_zero_and_outside_the_window_are_exactly_unpatched(pack, comfy_fl
 
 
 def test_negative_pass_can_be_left_alone(pack, comfy_flux, tiny_flux, tiny_adapter, features):
-    from instantcharacter.run.native_characters import CharacterEntry
+    from instantcharacter.run.native_characters import AppliedCharacter
 
     x, ctx, pooled = _inputs(tiny_flux)  # batch 2 = [cond, uncond]
     plain = _comfy_call(comfy_flux, x, ctx, pooled, 0.6, {}, [0, 1])
-    entry = CharacterEntry(tiny_adapter, features, 0.9, on_negative=False)
+    entry = AppliedCharacter(tiny_adapter, features, 0.9, on_negative=False)
     out = _comfy_call(comfy_flux, x, ctx, pooled, 0.6, _patches(pack, comfy_flux, [entry]), [0, 1])
     assert torch.equal(out[1], plain[1])
     assert (out[0] - plain[0]).abs().max() > 1e-3
 
 
 def test_two_characters_compose_and_foreign_patches_are_kept(pack, comfy_flux, tiny_flux, tiny_adapter, features):
-    from instantcharacter.run.native_characters import CharacterEntry
+    from instantcharacter.run.native_characters import AppliedCharacter
 
     x, ctx, pooled = _inputs(tiny_flux)
-    a = CharacterEntry(tiny_adapter, features, 0.5)
+    a = AppliedCharacter(tiny_adapter, features, 0.5)
     one = _comfy_call(comfy_flux, x, ctx, pooled, 0.6, _patches(pack, comfy_flux, [a]))
-    both = _comfy_call(comfy_flux, x, ctx, pooled, 0.6, _patches(pack, comfy_flux, [a, CharacterEntry(tiny_adapter, features, 0.4)]))
+    both = _comfy_call(comfy_flux, x, ctx, pooled, 0.6, _patches(pack, comfy_flux, [a, AppliedCharacter(tiny_adapter, features, 0.4)]))
     assert (both - one).abs().max() > 1e-4
     calls = []
 
@@ -220,7 +220,7 @@ def test_fp8_model_through_comfyuis_manual_cast(pack, comfy, tiny_flux, tiny_ada
 
     from safetensors.torch import save_file
 
-    from instantcharacter.run.native_characters import CharacterEntry
+    from instantcharacter.run.native_characters import AppliedCharacter
     from instantcharacter.files.single_file import load_flux_transformer
 
     model = _comfy_twin(tiny_flux.transformer, torch.float8_e4m3fn, comfy.ops.manual_cast)
@@ -232,7 +232,7 @@ def test_fp8_model_through_comfyuis_manual_cast(pack, comfy, tiny_flux, tiny_ada
     twin = SimpleNamespace(transformer=load_flux_transformer(rounded, dtype=torch.float32))
 
     x, ctx, pooled = _inputs(tiny_flux)
-    entry = CharacterEntry(tiny_adapter, features, 0.9)
+    entry = AppliedCharacter(tiny_adapter, features, 0.9)
     native = _comfy_call(model, x, ctx, pooled, 0.7, _patches(pack, model, [entry]))
     plain = _comfy_call(model, x, ctx, pooled, 0.7, {})
     pipeline = _diffusers_call(twin, tiny_adapter, features, x, ctx, pooled, 0.7, 0.9)
@@ -269,7 +269,7 @@ class _CallerWithoutOptions(dict):
 @pytest.mark.parametrize("in_second_dict", [False, True], ids=["teacache_style", "pulid_style"])
 def test_callers_that_pass_no_options_keep_the_window_and_the_negative_switch(
         pack, comfy_flux, tiny_flux, tiny_adapter, features, in_second_dict):
-    from instantcharacter.run.native_characters import CharacterEntry
+    from instantcharacter.run.native_characters import AppliedCharacter
 
     def run(entry, sigma, chunks=(0, 1)):
         patched = _patches(pack, comfy_flux, [entry])
@@ -279,9 +279,9 @@ def test_callers_that_pass_no_options_keep_the_window_and_the_negative_switch(
 
     x, ctx, pooled = _inputs(tiny_flux)
     plain = _comfy_call(comfy_flux, x, ctx, pooled, 0.6, {}, [0, 1])
-    late = CharacterEntry(tiny_adapter, features, 0.9, sigma_start=0.5, sigma_end=0.0)
+    late = AppliedCharacter(tiny_adapter, features, 0.9, sigma_start=0.5, sigma_end=0.0)
     assert torch.equal(run(late, 0.6), plain)  # outside its window: not applied
-    positive_only = CharacterEntry(tiny_adapter, features, 0.9, on_negative=False)
+    positive_only = AppliedCharacter(tiny_adapter, features, 0.9, on_negative=False)
     out = run(positive_only, 0.6)
     assert torch.equal(out[1], plain[1]) and (out[0] - plain[0]).abs().max() > 1e-3
     normal = _comfy_call(comfy_flux, x, ctx, pooled, 0.6, _patches(pack, comfy_flux, [positive_only]), [0, 1])
@@ -289,10 +289,10 @@ def test_callers_that_pass_no_options_keep_the_window_and_the_negative_switch(
 
 
 def test_pulid_stacks_its_callbacks_on_our_patch_with_add(pack, comfy_flux, tiny_flux, tiny_adapter, features):
-    from instantcharacter.run.native_characters import CharacterEntry
+    from instantcharacter.run.native_characters import AppliedCharacter
 
     x, ctx, pooled = _inputs(tiny_flux)
-    entry = CharacterEntry(tiny_adapter, features, 0.9)
+    entry = AppliedCharacter(tiny_adapter, features, 0.9)
     ours = _comfy_call(comfy_flux, x, ctx, pooled, 0.6, _patches(pack, comfy_flux, [entry]))
     calls = []
 
@@ -317,11 +317,11 @@ def test_pulid_stacks_its_callbacks_on_our_patch_with_add(pack, comfy_flux, tiny
 
 
 def test_a_foreign_patch_registered_after_ours_does_not_crash(pack, comfy_flux, tiny_flux, tiny_adapter, features):
-    from instantcharacter.run.native_characters import CharacterEntry
+    from instantcharacter.run.native_characters import AppliedCharacter
 
     x, ctx, pooled = _inputs(tiny_flux)
     plain = _comfy_call(comfy_flux, x, ctx, pooled, 0.6, {})
-    patched = _patches(pack, comfy_flux, [CharacterEntry(tiny_adapter, features, 0.9)])
+    patched = _patches(pack, comfy_flux, [AppliedCharacter(tiny_adapter, features, 0.9)])
     patched["patches_replace"]["dit"][("double_block", 0)] = lambda args, extra: extra["original_block"](args)
     out = _comfy_call(comfy_flux, x, ctx, pooled, 0.6, patched)
     assert torch.isfinite(out).all() and (out - plain).abs().max() > 1e-3  # the other blocks still act
@@ -343,12 +343,12 @@ def _first_block_output(pack, comfy_flux, x, ctx, pooled, entries, sigma=0.6, **
 
 
 def test_kontext_reference_tokens_are_left_alone(pack, comfy_flux, tiny_flux, tiny_adapter, features):
-    from instantcharacter.run.native_characters import CharacterEntry
+    from instantcharacter.run.native_characters import AppliedCharacter
 
     x, ctx, pooled = _inputs(tiny_flux)  # 8×8 latent: 16 generated tokens
     reference = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(9))
     plain = _first_block_output(pack, comfy_flux, x, ctx, pooled, [], ref_latents=[reference])
-    ours = _first_block_output(pack, comfy_flux, x, ctx, pooled, [CharacterEntry(tiny_adapter, features, 0.9)],
+    ours = _first_block_output(pack, comfy_flux, x, ctx, pooled, [AppliedCharacter(tiny_adapter, features, 0.9)],
                                ref_latents=[reference])
     assert ours.shape[1] == 32
     assert torch.equal(ours[:, 16:], plain[:, 16:])  # the reference image's tokens
@@ -357,7 +357,7 @@ def test_kontext_reference_tokens_are_left_alone(pack, comfy_flux, tiny_flux, ti
 
 def test_a_region_confines_the_character_and_two_regions_split_the_picture(
         pack, comfy_flux, tiny_flux, tiny_adapter, features):
-    from instantcharacter.run.native_characters import CharacterEntry
+    from instantcharacter.run.native_characters import AppliedCharacter
 
     x, ctx, pooled = _inputs(tiny_flux)
     left = torch.zeros(1, 64, 64)
@@ -366,16 +366,16 @@ def test_a_region_confines_the_character_and_two_regions_split_the_picture(
     columns = torch.arange(16) % 4  # the 4×4 token grid, row by row
     in_left, in_right = columns < 2, columns >= 2
     plain = _first_block_output(pack, comfy_flux, x, ctx, pooled, [])
-    a = _first_block_output(pack, comfy_flux, x, ctx, pooled, [CharacterEntry(tiny_adapter, features, 0.9, mask=left)])
-    b = _first_block_output(pack, comfy_flux, x, ctx, pooled, [CharacterEntry(tiny_adapter, features, 0.4, mask=right)])
-    both = _first_block_output(pack, comfy_flux, x, ctx, pooled, [CharacterEntry(tiny_adapter, features, 0.9, mask=left),
-                                                                  CharacterEntry(tiny_adapter, features, 0.4, mask=right)])
+    a = _first_block_output(pack, comfy_flux, x, ctx, pooled, [AppliedCharacter(tiny_adapter, features, 0.9, mask=left)])
+    b = _first_block_output(pack, comfy_flux, x, ctx, pooled, [AppliedCharacter(tiny_adapter, features, 0.4, mask=right)])
+    both = _first_block_output(pack, comfy_flux, x, ctx, pooled, [AppliedCharacter(tiny_adapter, features, 0.9, mask=left),
+                                                                  AppliedCharacter(tiny_adapter, features, 0.4, mask=right)])
     assert torch.equal(a[:, in_right], plain[:, in_right]) and (a[:, in_left] - plain[:, in_left]).abs().max() > 1e-3
     assert torch.equal(b[:, in_left], plain[:, in_left]) and (b[:, in_right] - plain[:, in_right]).abs().max() > 1e-3
     assert torch.equal(both[:, in_left], a[:, in_left]) and torch.equal(both[:, in_right], b[:, in_right])
-    everywhere = _first_block_output(pack, comfy_flux, x, ctx, pooled, [CharacterEntry(tiny_adapter, features, 0.9)])
+    everywhere = _first_block_output(pack, comfy_flux, x, ctx, pooled, [AppliedCharacter(tiny_adapter, features, 0.9)])
     ones = _first_block_output(pack, comfy_flux, x, ctx, pooled,
-                               [CharacterEntry(tiny_adapter, features, 0.9, mask=torch.ones(1, 64, 64))])
+                               [AppliedCharacter(tiny_adapter, features, 0.9, mask=torch.ones(1, 64, 64))])
     assert torch.equal(ones, everywhere)
 
 
@@ -395,7 +395,7 @@ def test_regional_characters_act_the_same_on_both_paths(pack, comfy_flux, tiny_f
     from PIL import Image
 
     from instantcharacter.model.adapter import attach
-    from instantcharacter.run.native_characters import CharacterEntry
+    from instantcharacter.run.native_characters import AppliedCharacter
     from instantcharacter.reference.character import RegionalCharacter
     from instantcharacter.run.regions import character_weights
 
@@ -403,8 +403,8 @@ def test_regional_characters_act_the_same_on_both_paths(pack, comfy_flux, tiny_f
     left, right = _overlapping_halves()
     x, ctx, pooled = _inputs(tiny_flux)
     sigma = 0.7
-    entries = [CharacterEntry(tiny_adapter, features, 0.9, mask=left),
-               CharacterEntry(tiny_adapter, waving, 0.45, mask=right)]
+    entries = [AppliedCharacter(tiny_adapter, features, 0.9, mask=left),
+               AppliedCharacter(tiny_adapter, waving, 0.45, mask=right)]
     native = _comfy_call(comfy_flux, x, ctx, pooled, sigma, _patches(pack, comfy_flux, entries))
 
     cast = character_weights((RegionalCharacter(features, left), RegionalCharacter(waving, right, 0.5)), (4, 4))
@@ -455,7 +455,7 @@ def test_apply_takes_regional_and_combined_characters(pack, comfy, comfy_flux, t
 
 def test_character_off_is_bit_identical_with_references_and_an_attention_mask(
         pack, comfy_flux, tiny_flux, tiny_adapter, features):
-    from instantcharacter.run.native_characters import CharacterEntry
+    from instantcharacter.run.native_characters import AppliedCharacter
 
     silent = copy.deepcopy(tiny_adapter)
     with torch.no_grad():
@@ -469,8 +469,8 @@ def test_character_off_is_bit_identical_with_references_and_an_attention_mask(
     mask[..., -4:] = -10000.0  # the last reference tokens are not attended to
     for kwargs in ({}, {"ref_latents": [reference]}, {"ref_latents": [reference], "attention_mask": mask}):
         plain = _comfy_call(comfy_flux, x, ctx, pooled, 0.6, {}, [0, 1], **kwargs)
-        for entry in (CharacterEntry(tiny_adapter, features, 0.0), CharacterEntry(silent, features, 0.9),
-                      CharacterEntry(tiny_adapter, features, 0.9, sigma_start=0.5, sigma_end=0.0)):
+        for entry in (AppliedCharacter(tiny_adapter, features, 0.0), AppliedCharacter(silent, features, 0.9),
+                      AppliedCharacter(tiny_adapter, features, 0.9, sigma_start=0.5, sigma_end=0.0)):
             out = _comfy_call(comfy_flux, x, ctx, pooled, 0.6, _patches(pack, comfy_flux, [entry]), [0, 1], **kwargs)
             assert torch.equal(out, plain), (kwargs.keys(), entry.weight)
 
@@ -589,11 +589,11 @@ def test_implausible_features_stop_the_call_by_name_instead_of_a_nan_picture(pac
     character's tokens NaN: the model call stops with a named error instead of returning a NaN picture."""
     import dataclasses
 
-    from instantcharacter.run.native_characters import CharacterEntry
+    from instantcharacter.run.native_characters import AppliedCharacter
 
     huge = dataclasses.replace(features, **{k: getattr(features, k) * 1e30 for k in
                                             ("low_res_shallow", "low_res_deep", "high_res_deep")})
     x, ctx, pooled = _inputs(tiny_flux)
     with pytest.raises(Exception, match="tokens at sigma 0.6 are not finite") as raised:
-        _comfy_call(comfy_flux, x, ctx, pooled, 0.6, _patches(pack, comfy_flux, [CharacterEntry(tiny_adapter, huge, 0.9)]))
+        _comfy_call(comfy_flux, x, ctx, pooled, 0.6, _patches(pack, comfy_flux, [AppliedCharacter(tiny_adapter, huge, 0.9)]))
     assert type(raised.value).__name__ == "NonFiniteResultError"

@@ -130,7 +130,7 @@ def test_a_partial_load_is_counted_as_it_lies_and_the_character_moves_nothing(pa
     ComfyUI's back)."""
     import comfy.model_management as mm
 
-    from instantcharacter.run.native_characters import CallState, CharacterEntry, CharacterSet
+    from instantcharacter.run.native_characters import CallState, AppliedCharacter, CharacterSet
 
     adapter = fresh()
     _stand_in_gpu(monkeypatch, mm, META, 8 * 2**30, vram_state=mm.VRAMState.NO_VRAM)
@@ -148,7 +148,7 @@ def test_a_partial_load_is_counted_as_it_lies_and_the_character_moves_nothing(pa
         assert offloaded and all(m.comfy_cast_weights for m in offloaded)
         placement = {n: p.device.type for n, p in adapter.named_parameters()}
 
-        run = CharacterSet((CharacterEntry(adapter, features, 0.9),)).run()
+        run = CharacterSet((AppliedCharacter(adapter, features, 0.9),)).run()
         call = run.call(CallState(sigma=0.6, negative_rows=(False, True), text_len=4, grid=(2, 3), image_tokens=6,
                                   device=META), [adapter])
         hidden = adapter.hidden_size
@@ -169,11 +169,11 @@ def test_with_the_adapter_left_offloaded_comfyuis_casting_gives_the_same_result(
     runs through ComfyUI's cast path and gives the fully loaded result bit for bit."""
     import comfy.model_management as mm
 
-    from instantcharacter.run.native_characters import CharacterEntry
+    from instantcharacter.run.native_characters import AppliedCharacter
 
     adapter = fresh()
     x, ctx, pooled = _inputs(tiny_flux)
-    loaded = _comfy_call(comfy_flux, x, ctx, pooled, 0.7, _patches(pack, comfy_flux, [CharacterEntry(adapter, features, 0.9)]))
+    loaded = _comfy_call(comfy_flux, x, ctx, pooled, 0.7, _patches(pack, comfy_flux, [AppliedCharacter(adapter, features, 0.9)]))
 
     _stand_in_gpu(monkeypatch, mm, META, 8 * 2**30, vram_state=mm.VRAMState.NO_VRAM)
     patcher = _memory().adapter_patcher(adapter)
@@ -182,7 +182,7 @@ def test_with_the_adapter_left_offloaded_comfyuis_casting_gives_the_same_result(
         linears = [m for m in adapter.modules() if isinstance(m, torch.nn.Linear)]
         assert linears and all(m.comfy_cast_weights for m in linears)
         casting = _comfy_call(comfy_flux, x, ctx, pooled, 0.7,
-                              _patches(pack, comfy_flux, [CharacterEntry(adapter, features, 0.9)]))
+                              _patches(pack, comfy_flux, [AppliedCharacter(adapter, features, 0.9)]))
     finally:
         mm.unload_all_models()
         patcher.detach()
