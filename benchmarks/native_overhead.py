@@ -58,7 +58,7 @@ def import_pack():
     module = importlib.util.module_from_spec(spec)
     sys.modules[PACK] = module
     spec.loader.exec_module(module)
-    return importlib.import_module(f"{PACK}.nodes.native")
+    return importlib.import_module(f"{PACK}.nodes.apply")
 
 
 def randomize_(module: torch.nn.Module, seed: int) -> None:

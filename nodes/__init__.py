@@ -9,7 +9,7 @@ from .loaders import LoadAdapter, LoadFlux, LoadFluxSingleFile, LoadImageEncoder
 from .characters import LoadCharacter, SaveCharacter
 from .consistency import ConsistencyScore
 from .style_lora import StyleLora
-from .native import ApplyToModel
+from .apply import ApplyToModel
 from .reference import BlendCharacters, EncodeReference
 from .regions import CharacterRegion, CombineCharacters
 from .sampler import Sampler

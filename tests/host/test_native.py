@@ -186,7 +186,7 @@ def test_two_characters_compose_and_foreign_patches_are_kept(pack, comfy_flux, t
 def test_apply_node_patches_a_clone_only(pack, comfy, comfy_flux, tiny_adapter, features):
     import comfy.model_patcher
 
-    native = importlib.import_module("instantcharacter_pack_native.nodes.native")
+    native = importlib.import_module("instantcharacter_pack_native.nodes.apply")
 
     class Sampling:
         def percent_to_sigma(self, p):
@@ -491,7 +491,7 @@ def _model_patcher(comfy, diffusion):
 
 
 def _apply(model, adapter, features, weight=0.9, start=0.0, end=1.0, negative=True, mask=None):
-    native = importlib.import_module("instantcharacter_pack_native.nodes.native")
+    native = importlib.import_module("instantcharacter_pack_native.nodes.apply")
     out = native.ApplyToModel.execute(model, adapter, features, weight, start, end, negative, mask)
     return out.args[0] if hasattr(out, "args") else out[0]
 
