@@ -105,7 +105,7 @@ def rebuild_flux(sizes, dtype, device, seed, disable_dynamic=False):
 def rebuild_adapter(sizes, dtype, device, seed, disable_dynamic=False):
     """The adapter's reload factory for ComfyUI's multi-GPU copies (the pack's own loads from the adapter's file;
     this one has none)."""
-    memory = importlib.import_module(f"{PACK}.nodes.adapter_memory")
+    memory = importlib.import_module(f"{PACK}.nodes.adapter_patcher")
     adapter = adapter_model(sizes, dtype, device, seed)
     memory.make_comfy_managed(adapter)
     patcher = memory._core_patcher(adapter, disable_dynamic)
@@ -289,7 +289,7 @@ def main(argv=None) -> int:
         return out.args[0] if hasattr(out, "args") else out[0]
 
     patched = loaded(apply(plain, adapter, features))
-    memory = importlib.import_module(f"{PACK}.nodes.adapter_memory")
+    memory = importlib.import_module(f"{PACK}.nodes.adapter_patcher")
     memory.adapter_patcher(adapter).cached_patcher_init = (rebuild_adapter, (sizes, dtype, device, 1))
     say("| size | batch | plain ms/call | with character ms/call | measured ratio | FLOP floor | goal (DESIGN §6) |")
     say("|---|---|---|---|---|---|---|")

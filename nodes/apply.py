@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from .adapter_memory import adapter_key, adapter_patcher
+from .adapter_patcher import adapter_key, adapter_patcher
 from .native_patch import WRAPPER_KEY
 from .types import CATEGORY, Adapter, Character
 

@@ -30,7 +30,7 @@ import torch
 from ..instantcharacter.errors import UnsupportedModelError
 from ..instantcharacter.model.attention import IP_HEAD_DIM
 from ..instantcharacter.run.native_characters import CallState, CharacterCall, CharacterSet, RunState
-from .adapter_memory import adapter_key, follow_model_device
+from .adapter_patcher import adapter_key, follow_model_device
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ META = torch.device("meta")
 
 
 def _memory():
-    return importlib.import_module("instantcharacter_pack_native.nodes.adapter_memory")
+    return importlib.import_module("instantcharacter_pack_native.nodes.adapter_patcher")
 
 
 @pytest.fixture

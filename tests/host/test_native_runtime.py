@@ -100,7 +100,7 @@ class _Uses:
 
 
 def _adapter_copy(model_patcher, adapter):
-    memory = importlib.import_module("instantcharacter_pack_native.nodes.adapter_memory")
+    memory = importlib.import_module("instantcharacter_pack_native.nodes.adapter_patcher")
     [patcher] = model_patcher.get_additional_models_with_key(memory.adapter_key(adapter))
     return patcher
 
@@ -343,7 +343,7 @@ def test_the_reload_factory_gives_a_fresh_managed_adapter_and_a_non_dynamic_one_
         comfy, pack, adapter_from_file):
     import comfy.model_patcher
 
-    memory = importlib.import_module("instantcharacter_pack_native.nodes.adapter_memory")
+    memory = importlib.import_module("instantcharacter_pack_native.nodes.adapter_patcher")
     adapter = adapter_from_file()
     patcher = memory.adapter_patcher(adapter)
     factory, args = patcher.cached_patcher_init
