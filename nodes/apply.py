@@ -5,7 +5,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from .adapter_patcher import adapter_key, adapter_patcher
-from .native_patch import WRAPPER_KEY
+from .model_wrappers import WRAPPER_KEY
 from .types import CATEGORY, Adapter, Character
 
 class ApplyToModel(io.ComfyNode):
@@ -51,8 +51,8 @@ class ApplyToModel(io.ComfyNode):
         from ..instantcharacter.errors import InputError
         from ..instantcharacter.run.native_characters import AppliedCharacter, CharacterSet
         from ..instantcharacter.reference.character import characters_in
-        from .native_patch import (CharacterBlockPatch, apply_model_wrapper, check_flux_model,
-                                   diffusion_model_wrapper, outer_sample_wrapper)
+        from .block_patch import CharacterBlockPatch, check_flux_model
+        from .model_wrappers import apply_model_wrapper, diffusion_model_wrapper, outer_sample_wrapper
 
         if start_percent > end_percent:
             raise ValueError(f"start_percent ({start_percent}) is after end_percent ({end_percent}).")
@@ -80,7 +80,7 @@ class ApplyToModel(io.ComfyNode):
                 before = existing.get((f"{kind}_block", i))
                 if isinstance(before, CharacterBlockPatch):  # ours from an earlier Apply: this set replaces it
                     patch = CharacterBlockPatch(kind, i, offset + i, characters, before.previous)
-                    patch.foreign = list(before.foreign)
+                    patch.stacked = list(before.stacked)
                 else:
                     patch = CharacterBlockPatch(kind, i, offset + i, characters, before)
                 patched.set_model_patch_replace(patch, "dit", f"{kind}_block", i)

@@ -93,14 +93,17 @@ def comfy():
 
 @pytest.fixture(scope="session")
 def pack(comfy):
-    """The pack's native patch module, with the pack imported as ComfyUI imports a custom node (once)."""
+    """The pack's nodes package (with its block patch and model wrappers), the pack imported as ComfyUI imports a
+    custom node (once)."""
     if PACK_PACKAGE not in sys.modules:
         spec = importlib.util.spec_from_file_location(PACK_PACKAGE, ASSETS.parent / "__init__.py",
                                                       submodule_search_locations=[str(ASSETS.parent)])
         module = importlib.util.module_from_spec(spec)
         sys.modules[PACK_PACKAGE] = module
         spec.loader.exec_module(module)
-    return importlib.import_module(f"{PACK_PACKAGE}.nodes.native_patch")
+    for module in ("block_patch", "model_wrappers"):
+        importlib.import_module(f"{PACK_PACKAGE}.nodes.{module}")
+    return importlib.import_module(f"{PACK_PACKAGE}.nodes")
 
 
 @pytest.fixture(scope="session")

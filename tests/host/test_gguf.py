@@ -194,7 +194,7 @@ def _inputs(tiny_flux, batch=2, side=8, text_len=9):
 
 
 def _apply(pack, model, adapter, features, weight=0.9):
-    apply_node = importlib.import_module(pack.__name__.rpartition(".")[0] + ".apply").ApplyToModel
+    apply_node = pack.apply.ApplyToModel
     out = apply_node.execute(model, adapter, features, weight, 0.0, 1.0, True)
     return out.args[0] if hasattr(out, "args") else out[0]
 

@@ -79,9 +79,10 @@ def _patches(pack, comfy_flux, entries, previous=None):
     for kind, blocks, offset in (("double", comfy_flux.double_blocks, 0), ("single", comfy_flux.single_blocks, n_double)):
         for i in range(len(blocks)):
             before = (previous or {}).get((f"{kind}_block", i))
-            patches[(f"{kind}_block", i)] = pack.CharacterBlockPatch(kind, i, offset + i, characters, before)
-    return {"patches_replace": {"dit": patches},
-            "wrappers": {"diffusion_model": {"instantcharacter": [pack.diffusion_model_wrapper(characters)]}}}
+            patches[(f"{kind}_block", i)] = pack.block_patch.CharacterBlockPatch(kind, i, offset + i, characters,
+                                                                                 before)
+    wrapper = pack.model_wrappers.diffusion_model_wrapper(characters)
+    return {"patches_replace": {"dit": patches}, "wrappers": {"diffusion_model": {"instantcharacter": [wrapper]}}}
 
 
 def _comfy_call(comfy_flux, x, ctx, pooled, sigma, patched, cond_or_uncond=None, **kwargs):
@@ -145,7 +146,8 @@ def test_weight_zero_and_outside_the_window_are_exactly_unpatched(pack, comfy_fl
 
     x, ctx, pooled = _inputs(tiny_flux)
     plain = _comfy_call(comfy_flux, x, ctx, pooled, 0.6, {})
-    zero = _comfy_call(comfy_flux, x, ctx, pooled, 0.6, _patches(pack, comfy_flux, [AppliedCharacter(tiny_adapter, features, 0.0)]))
+    off = AppliedCharacter(tiny_adapter, features, 0.0)
+    zero = _comfy_call(comfy_flux, x, ctx, pooled, 0.6, _patches(pack, comfy_flux, [off]))
     late = AppliedCharacter(tiny_adapter, features, 0.9, sigma_start=0.5, sigma_end=0.0)  # acts only below 0.5
     outside = _comfy_call(comfy_flux, x, ctx, pooled, 0.6, _patches(pack, comfy_flux, [late]))
     inside = _comfy_call(comfy_flux, x, ctx, pooled, 0.4, _patches(pack, comfy_flux, [late]))
@@ -170,7 +172,8 @@ def test_two_characters_compose_and_foreign_patches_are_kept(pack, comfy_flux, t
     x, ctx, pooled = _inputs(tiny_flux)
     a = AppliedCharacter(tiny_adapter, features, 0.5)
     one = _comfy_call(comfy_flux, x, ctx, pooled, 0.6, _patches(pack, comfy_flux, [a]))
-    both = _comfy_call(comfy_flux, x, ctx, pooled, 0.6, _patches(pack, comfy_flux, [a, AppliedCharacter(tiny_adapter, features, 0.4)]))
+    b = AppliedCharacter(tiny_adapter, features, 0.4)
+    both = _comfy_call(comfy_flux, x, ctx, pooled, 0.6, _patches(pack, comfy_flux, [a, b]))
     assert (both - one).abs().max() > 1e-4
     calls = []
 
@@ -310,7 +313,7 @@ def test_pulid_stacks_its_callbacks_on_our_patch_with_add(pack, comfy_flux, tiny
     stacked = _comfy_call(comfy_flux, x, ctx, pooled, 0.6, patched)
     assert torch.equal(stacked, ours)  # weight 0 in its window, and the other outside its window
     assert calls == [(torch.Size([2, 16, 256]), 0, True)]
-    dit[("single_block", 0)].foreign[0][1]["sigma_start"] = 1.0
+    dit[("single_block", 0)].stacked[0][1]["sigma_start"] = 1.0
     changed = _comfy_call(comfy_flux, x, ctx, pooled, 0.6, patched)
     assert calls[-1] == (torch.Size([2, 16, 256]), 1, True)  # single block: only the image rows
     assert (changed - ours).abs().max() > 1e-3
@@ -366,10 +369,11 @@ def test_a_region_confines_the_character_and_two_regions_split_the_picture(
     columns = torch.arange(16) % 4  # the 4×4 token grid, row by row
     in_left, in_right = columns < 2, columns >= 2
     plain = _first_block_output(pack, comfy_flux, x, ctx, pooled, [])
-    a = _first_block_output(pack, comfy_flux, x, ctx, pooled, [AppliedCharacter(tiny_adapter, features, 0.9, mask=left)])
-    b = _first_block_output(pack, comfy_flux, x, ctx, pooled, [AppliedCharacter(tiny_adapter, features, 0.4, mask=right)])
-    both = _first_block_output(pack, comfy_flux, x, ctx, pooled, [AppliedCharacter(tiny_adapter, features, 0.9, mask=left),
-                                                                  AppliedCharacter(tiny_adapter, features, 0.4, mask=right)])
+    on_left = AppliedCharacter(tiny_adapter, features, 0.9, mask=left)
+    on_right = AppliedCharacter(tiny_adapter, features, 0.4, mask=right)
+    a = _first_block_output(pack, comfy_flux, x, ctx, pooled, [on_left])
+    b = _first_block_output(pack, comfy_flux, x, ctx, pooled, [on_right])
+    both = _first_block_output(pack, comfy_flux, x, ctx, pooled, [on_left, on_right])
     assert torch.equal(a[:, in_right], plain[:, in_right]) and (a[:, in_left] - plain[:, in_left]).abs().max() > 1e-3
     assert torch.equal(b[:, in_left], plain[:, in_left]) and (b[:, in_right] - plain[:, in_right]).abs().max() > 1e-3
     assert torch.equal(both[:, in_left], a[:, in_left]) and torch.equal(both[:, in_right], b[:, in_right])
@@ -520,7 +524,7 @@ def test_the_window_follows_a_sampling_shift_placed_after_apply(pack, comfy, com
         class_obj = guider
 
         def __call__(self, *args, **kwargs):
-            run = guider.model_options["transformer_options"][pack.RUN_KEY]
+            run = guider.model_options["transformer_options"][pack.model_wrappers.RUN_KEY]
             seen.update(window=run.windows[0], negative=run.negative_uuids)
             return "sampled"
 
@@ -528,7 +532,7 @@ def test_the_window_follows_a_sampling_shift_placed_after_apply(pack, comfy, com
     assert seen["window"] == pytest.approx((sampling.percent_to_sigma(0.25), sampling.percent_to_sigma(0.75)))
     assert seen["negative"] == {"n"}  # the negative conditioning is told by its ids, not by its position
     # the run's state lived in the run's own copy of the options: the MODEL's are as they were
-    assert guider.model_options is shifted.model_options and pack.RUN_KEY not in shifted.model_options[
+    assert guider.model_options is shifted.model_options and pack.model_wrappers.RUN_KEY not in shifted.model_options[
         "transformer_options"]
 
 

@@ -283,7 +283,8 @@ def test_easycache_on_a_patched_model_samples_with_the_character(comfy, pack, ti
     assert deltas == runs * layers  # the character acted in every call that ran, at every layer
     assert effect > 1e-3
     # nothing of the runs is left behind: no call state in this thread, no run state in the MODEL's options
-    assert pack._CALL.get() is None and pack.RUN_KEY not in patched.model_options["transformer_options"]
+    wrappers = pack.model_wrappers
+    assert wrappers.CURRENT_CALL.get() is None and wrappers.RUN_KEY not in patched.model_options["transformer_options"]
 
 
 # --- 3. ComfyUI's TorchCompileModel on a patched MODEL -------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The native path: the character added to ComfyUI's own FLUX blocks, which run unchanged.
+"""The native path's block patch: the character added to ComfyUI's own FLUX blocks, which run unchanged.
 
 Each block gets a "dit" replace patch that calls the block ComfyUI hands it (``original_block``) and, only
 while that call runs, two module hooks: one reads the raw image query from the output of the block's fused
@@ -6,18 +6,12 @@ qkv projection (double blocks: ``img_attn.qkv``; single blocks: the q part of ``
 the other adds the character attention to the input of the block's output projection (``img_attn.proj``;
 the attention part of ``linear2``'s input on the image rows). That is where the official processor adds it:
 to the image part of the attention output, before the output projection. With no active character the
-original block runs without hooks, so the output is exactly the unpatched one.
+original block runs without hooks, so the output is exactly the unpatched one. A MODEL whose blocks lack those
+modules is refused by name at Apply time (:func:`check_flux_model`).
 
-State lives where its scope is, as ComfyUI's own patches keep it (EasyCache): the run's (the window in sigmas,
-which conditioning is negative, the token cache) in ``transformer_options`` of the run, put there by an
-``OUTER_SAMPLE`` wrapper, so it reaches every model call whatever thread runs it; the call's in context
-variables of the thread running it, set by an ``APPLY_MODEL`` wrapper (the adapter copy of the patcher being
-called: under MultiGPU CFG Split or Select Model Device each device has its own) and a ``DIFFUSION_MODEL``
-wrapper (sigma, negative rows, token grid, the diffusion model whose blocks get the hooks). Blocks read the
-call's state from there, so they work the same whatever a caller passes in ``transformer_options``
-(TeaCache-style callers pass none, PuLID-Flux-ll passes them in the second dict), and a hook another thread
-registered on the same shared block ignores this thread's forward. Nothing per call is written on an object
-another call reads. The patches hold no tensors, so they need no ``.to()``.
+The call's state comes from the context variable the model wrappers set (:mod:`.model_wrappers`), so a block
+works the same whatever a caller passes in ``transformer_options``, and a hook another thread registered on the
+same shared block ignores this thread's forward. The patches hold no tensors, so they need no ``.to()``.
 """
 
 from __future__ import annotations
@@ -29,27 +23,11 @@ import torch
 
 from ..instantcharacter.errors import UnsupportedModelError
 from ..instantcharacter.model.attention import IP_HEAD_DIM
-from ..instantcharacter.run.native_characters import CallState, CharacterCall, CharacterSet, RunState
-from .adapter_patcher import adapter_key, follow_model_device
+from ..instantcharacter.run.native_characters import CharacterCall, CharacterSet
+from .model_wrappers import CURRENT_CALL
 
 log = logging.getLogger(__name__)
 
-
-def _eager(fn):
-    """Run ``fn`` (and what it calls) outside torch.compile's tracing. Under ComfyUI's TorchCompileModel the
-    per-call state, the hooks registered for one block call and the per-block layer choice would otherwise make
-    dynamo recompile block after block until it gives up (its recompile limit); outside tracing, the rest of
-    the model still compiles and nothing recompiles per step. The patched blocks then run eagerly."""
-    disable = getattr(getattr(torch, "_dynamo", None), "disable", None)
-    return disable(fn) if disable is not None else fn
-
-WRAPPER_KEY = "instantcharacter"
-RUN_KEY = "instantcharacter_run"  # the run's RunState in the run's transformer_options
-
-# what the model call running in this thread asks of the characters (each thread has its own value)
-_CALL: ContextVar[CharacterCall | None] = ContextVar("instantcharacter_call", default=None)
-# the adapter copies of the patcher being called, per entry: (CharacterSet, adapters)
-_ADAPTERS: ContextVar[tuple | None] = ContextVar("instantcharacter_adapters", default=None)
 # the block call whose hooks may act on a forward in this thread
 _BLOCK: ContextVar[object | None] = ContextVar("instantcharacter_block", default=None)
 
@@ -127,34 +105,38 @@ class CharacterBlockPatch:
     (shared by all its blocks and its wrappers) and the replace patch that was there before, which it wraps.
 
     ``add(callback, **kwargs)`` is the protocol PuLID-Flux-ll uses to stack its own callbacks on whatever patch
-    holds a block: they run on the block's output as PuLID's own patch would run them."""
+    holds a block (:attr:`stacked`): they run on the block's output as PuLID's own patch would run them."""
 
     def __init__(self, kind: str, index: int, layer_index: int, characters: CharacterSet, previous=None):
         self.kind, self.index, self.layer_index = kind, index, layer_index
         self.characters = characters
         self.previous = previous
-        self.foreign: list[tuple] = []
+        self.stacked: list[tuple] = []  # (callback, kwargs) other packs added
 
     def __deepcopy__(self, memo):
         # ComfyUI 0.3.x deep-copies model_options on clone(): keep sharing the characters, copy the stack
         patch = CharacterBlockPatch(self.kind, self.index, self.layer_index, self.characters, self.previous)
-        patch.foreign = list(self.foreign)
+        patch.stacked = list(self.stacked)
         return patch
 
     def add(self, callback, **kwargs) -> None:
-        self.foreign.append((callback, kwargs))
+        self.stacked.append((callback, kwargs))
 
-    @_eager
+    # outside torch.compile's tracing: under ComfyUI's TorchCompileModel the per-call state, the hooks registered for
+    # one block call and the per-block layer choice would make dynamo recompile block after block until it gives up
+    # (its recompile limit); so the rest of the model still compiles, nothing recompiles per step, and the patched
+    # blocks run eagerly
+    @torch.compiler.disable
     def __call__(self, args, extra):
-        call = _CALL.get()
+        call = CURRENT_CALL.get()
         if call is not None and call.characters is not self.characters:
             call = None  # a call of another MODEL's patches: this set has nothing to add
         inner = extra["original_block"]
         if call is not None and call.acting:
             inner = self._with_character(inner, call)
         out = self.previous(args, {**extra, "original_block": inner}) if self.previous is not None else inner(args)
-        if self.foreign:
-            out = self._run_foreign(args, extra, out, call)
+        if self.stacked:
+            out = self._run_stacked(args, extra, out, call)
         return out
 
     def _modules(self, model):
@@ -172,41 +154,41 @@ class CharacterBlockPatch:
             # double blocks see the image stream alone; single blocks see [text ; image]
             first = 0 if self.kind == "double" else block_args["img"].shape[1] - call.state.image_tokens
             rows = call.state.generated
-            box = _BlockCall()
+            pending = _PendingTerm()
 
             # the block's modules are shared by every copy of the MODEL on this device: hooks registered by
             # another thread fire on this forward too, and act only on their own
             def after_qkv(module, inputs, output):
-                if _BLOCK.get() is box:
-                    box.delta = call.delta(layer_index, output[:, first:first + rows, :hidden])
+                if _BLOCK.get() is pending:
+                    pending.delta = call.delta(layer_index, output[:, first:first + rows, :hidden])
 
             def before_output(module, inputs):
-                if _BLOCK.get() is not box:
+                if _BLOCK.get() is not pending:
                     return
-                if box.delta is None:
+                if pending.delta is None:
                     raise UnsupportedModelError(
                         f"ComfyUI's FLUX {self.kind} block {self.index} did not run its qkv projection before its "
                         f"output projection, so the character cannot be added." + _version_hint())
-                _add_rows(inputs[0], call.rows, box.delta, first, hidden)
-                box.delta = None
+                _add_rows(inputs[0], call.rows, pending.delta, first, hidden)
+                pending.delta = None
 
             handles = [query_module.register_forward_hook(after_qkv),
                        output_module.register_forward_pre_hook(before_output)]
-            token = _BLOCK.set(box)
+            token = _BLOCK.set(pending)
             try:
                 out = inner(block_args)
             finally:
                 _BLOCK.reset(token)
                 for handle in handles:
                     handle.remove()
-            if box.delta is not None:
+            if pending.delta is not None:
                 raise UnsupportedModelError(f"ComfyUI's FLUX {self.kind} block {self.index} never called its output "
                                             "projection, so the character was not added." + _version_hint())
             return out
 
         return run
 
-    def _run_foreign(self, args, extra, out, call: CharacterCall | None):
+    def _run_stacked(self, args, extra, out, call: CharacterCall | None):
         options = extra.get("transformer_options") or args.get("transformer_options") or {}
         if call is not None:
             sigma = call.state.sigma
@@ -219,7 +201,7 @@ class CharacterBlockPatch:
         text = 0 if self.kind == "double" else (img.shape[1] - call.state.image_tokens if call is not None else 0)
         base = img[:, text:]
         result = base
-        for callback, kwargs in self.foreign:
+        for callback, kwargs in self.stacked:
             if kwargs.get("sigma_start", float("inf")) >= sigma >= kwargs.get("sigma_end", float("-inf")):
                 rest = {k: v for k, v in kwargs.items() if k not in ("sigma_start", "sigma_end")}
                 result = result + callback(base, **rest, transformer_options=options)
@@ -228,103 +210,10 @@ class CharacterBlockPatch:
         return out
 
 
-class _BlockCall:
+class _PendingTerm:
     """One block call's character term, between its two hooks."""
 
     __slots__ = ("delta",)
 
     def __init__(self):
         self.delta = None
-
-
-def call_state(run: RunState, model, x, timestep, context, ref_latents, options) -> CallState:
-    """What one model call tells the characters (one host sync: the sigma)."""
-    patch = getattr(model, "patch_size", 2)
-
-    def tokens(latent):
-        return ((latent.shape[-2] + patch // 2) // patch), ((latent.shape[-1] + patch // 2) // patch)
-
-    grid = tokens(x)
-    references = sum(h * w for h, w in map(tokens, ref_latents or []))
-    sigma = float(torch.as_tensor(timestep).flatten()[0])
-    negative = run.negative_rows(x.shape[0], options.get("cond_or_uncond"), options.get("uuids"))
-    return CallState(sigma=sigma, negative_rows=negative, text_len=context.shape[1], grid=grid,
-                     image_tokens=grid[0] * grid[1] + references, device=x.device)
-
-
-def device_adapters(characters: CharacterSet, patcher) -> tuple:
-    """The adapter of each entry as the patcher being called holds it: its own copy under MultiGPU CFG Split or
-    Select Model Device (ComfyUI copies additional models per device), else the one Apply was given."""
-    adapters = []
-    for entry in characters.entries:
-        found = patcher.get_additional_models_with_key(adapter_key(entry.adapter)) if patcher is not None else []
-        adapters.append(found[0].model if found else entry.adapter)
-    return tuple(adapters)
-
-
-def apply_model_wrapper(characters: CharacterSet):
-    """An ``APPLY_MODEL`` wrapper: the model being called (``BaseModel``) knows its patcher, and so the adapter
-    copies of its device, for this call."""
-
-    def wrapper(executor, *args, **kwargs):
-        patcher = getattr(executor.class_obj, "current_patcher", None)
-        token = _ADAPTERS.set((characters, device_adapters(characters, patcher)))
-        try:
-            return executor(*args, **kwargs)
-        finally:
-            _ADAPTERS.reset(token)
-
-    return wrapper
-
-
-def diffusion_model_wrapper(characters: CharacterSet):
-    """A ``DIFFUSION_MODEL`` wrapper that gives every block of this model call the call's state."""
-
-    @_eager
-    def begin(executor, x, timestep, context, ref_latents, options):
-        run = options.get(RUN_KEY)
-        if getattr(run, "characters", None) is not characters:
-            run = characters.outside_runs
-        bound = _ADAPTERS.get()
-        adapters = bound[1] if bound is not None and bound[0] is characters else [e.adapter for e in characters.entries]
-        state = call_state(run, executor.class_obj, x, timestep, context, ref_latents, options)
-        return _CALL.set(run.call(state, adapters, executor.class_obj))
-
-    @_eager
-    def end(token):
-        _CALL.reset(token)
-
-    def wrapper(executor, x, timestep, context, y=None, guidance=None, ref_latents=None, control=None,
-                transformer_options=None, **kwargs):
-        token = begin(executor, x, timestep, context, ref_latents, transformer_options or {})
-        try:
-            return executor(x, timestep, context, y, guidance, ref_latents, control, transformer_options, **kwargs)
-        finally:
-            end(token)
-
-    return wrapper
-
-
-def outer_sample_wrapper(characters: CharacterSet):
-    """An ``OUTER_SAMPLE`` wrapper: the run's state (the window in sigmas of the model being sampled, after any
-    sampling-shift node; which conditioning is the negative one; fresh token caches) in the run's own copy of the
-    model options, as ComfyUI's EasyCache keeps its per-run holder; dropped with the run."""
-
-    def wrapper(executor, *args, **kwargs):
-        import comfy.model_patcher
-
-        guider = executor.class_obj
-        follow_model_device(guider.model_patcher, {id(e.adapter): e.adapter for e in characters.entries}.values())
-        sampling = guider.model_patcher.get_model_object("model_sampling")
-        conds = getattr(guider, "conds", None) or {}
-        negative = {c.get("uuid") for c in conds.get("negative", []) if isinstance(c, dict)} - {None}
-        original = guider.model_options
-        guider.model_options = comfy.model_patcher.create_model_options_clone(original)
-        guider.model_options.setdefault("transformer_options", {})[RUN_KEY] = characters.run(
-            sampling.percent_to_sigma, negative)
-        try:
-            return executor(*args, **kwargs)
-        finally:
-            guider.model_options = original
-
-    return wrapper
