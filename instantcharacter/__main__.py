@@ -301,8 +301,9 @@ def cmd_storyboard(args) -> int:
     from .reference.images import tensor_to_pil
     from .run.offload.placement import default_device
     from .run.settings import GenerationSettings, MemorySettings
-    from .run.storyboard import (Board, board_identity, check_prompt_lengths, contact_sheet, encoders_on,
-                                 panel_prompts, score_references)
+    from .run.contact_sheet import contact_sheet
+    from .run.storyboard import (Board, board_identity, check_prompt_lengths, encoders_on, panel_prompts,
+                                 score_references)
 
     # everything the user typed is checked before any model is looked for, downloaded or loaded
     prompts = panel_prompts(_read_panels(args.panels), args.style or "")

@@ -89,7 +89,8 @@ class Storyboard(io.ComfyNode):
         import comfy.utils
 
         from ..instantcharacter.run.settings import GenerationSettings, MemorySettings, RunHooks
-        from ..instantcharacter.run.storyboard import Board, BoardModels, image_tensor, panel_prompts, storyboard
+        from ..instantcharacter.reference.images import pil_to_tensor
+        from ..instantcharacter.run.storyboard import Board, BoardModels, panel_prompts, storyboard
 
         settings = GenerationSettings("", width=width, height=height, steps=steps, guidance=guidance,
                                       subject_scale=subject_scale)
@@ -118,7 +119,7 @@ class Storyboard(io.ComfyNode):
             mm.soft_empty_cache()
             raise RuntimeError(OOM_HINT) from err
         report = result.report()
-        return io.NodeOutput(result.images, image_tensor(result.contact_sheet()), report,
+        return io.NodeOutput(result.images, pil_to_tensor(result.contact_sheet())[None], report,
                              {"samples": result.latents}, ui={"text": [report]})
 
 
@@ -176,8 +177,9 @@ class ContactSheet(io.ComfyNode):
 
     @classmethod
     def execute(cls, images, columns, captions=None) -> io.NodeOutput:
-        from ..instantcharacter.run.storyboard import contact_sheet, image_tensor
+        from ..instantcharacter.reference.images import pil_to_tensor
+        from ..instantcharacter.run.contact_sheet import contact_sheet
 
         pictures = [picture for batch in images for picture in batch]
         sheet = contact_sheet(pictures, list(captions or []), columns=columns[0] or None)
-        return io.NodeOutput(image_tensor(sheet))
+        return io.NodeOutput(pil_to_tensor(sheet)[None])

@@ -20,8 +20,9 @@ from instantcharacter.reference.images import tensor_to_pil
 from instantcharacter.run.pipeline import generate
 from instantcharacter.run.settings import GenerationSettings, RunHooks
 from instantcharacter.reference.character import RegionalCharacter
-from instantcharacter.run.storyboard import (SEED_RANGE, Board, BoardModels, candidate_seed, contact_sheet,
-                                             panel_prompts, panel_seed, render_panel, score_references, storyboard)
+from instantcharacter.run.contact_sheet import contact_sheet
+from instantcharacter.run.storyboard import (SEED_RANGE, Board, BoardModels, candidate_seed, panel_prompts, panel_seed,
+                                             render_panel, score_references, storyboard)
 from schema_reader import pack_nodes
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"

@@ -16,21 +16,20 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import platform
 from dataclasses import dataclass
 from typing import Callable, ContextManager, Sequence
 
-import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 from ..errors import InputError
 from ..reference.character import plain_features
 from ..reference.consistency import ConsistencyScores, consistency_scores
 from ..reference.images import FIT_MODES, tensor_to_pil
 from .offload.placement import default_device
+from .contact_sheet import contact_sheet
 from .pipeline import generate
 from .settings import MAX_SEED, GenerationSettings, MemorySettings, RunHooks
 from .style_loras import StyledFlux
@@ -296,65 +295,3 @@ def board_identity(board: Board, character: str, models: dict | None = None) -> 
     what = {"candidates": board.candidates, "seed": board.seed, "settings": settings,
             "fp8": board.memory.fp8_storage, "character": character, "models": models or {}}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-# --- the contact sheet ----------------------------------------------------------------------------------------
-
-SHEET_CELL = 512  # a panel's longer side on the sheet at most (smaller panels keep their size)
-SHEET_MAX_SIDE = 8192  # the whole sheet's longer side at most: long boards get smaller cells
-SHEET_BACKGROUND = (255, 255, 255)
-SHEET_TEXT = (20, 20, 20)
-
-
-def _font(size: int):
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1: one bitmap size
-        return ImageFont.load_default()
-
-
-def _fit_text(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
-    if draw.textlength(text, font=font) <= width:
-        return text
-    while text and draw.textlength(text + "…", font=font) > width:
-        text = text[:-1]
-    return text + "…"
-
-
-def contact_sheet(images: Sequence, captions: Sequence[str] | None = None, columns: int | None = None,
-                  cell: int = SHEET_CELL) -> Image.Image:
-    """The panels in a grid, left to right and top to bottom, each numbered (from 1) under its picture with the
-    start of its caption. ``images``: [H, W, 3] tensors in 0–1 or PIL pictures, any sizes."""
-    pictures = [im if isinstance(im, Image.Image) else tensor_to_pil(im) for im in images]
-    if not pictures:
-        raise InputError("A contact sheet needs at least one picture.")
-    count = len(pictures)
-    columns = max(1, min(count, columns or math.ceil(math.sqrt(count))))
-    rows = math.ceil(count / columns)
-    widest = max(p.width for p in pictures)
-    tallest = max(p.height for p in pictures)
-    cell = min(cell, SHEET_MAX_SIDE // columns, SHEET_MAX_SIDE // rows)
-    scale = min(1.0, cell / max(widest, tallest))
-    cell_w, cell_h = max(1, round(widest * scale)), max(1, round(tallest * scale))
-    band = max(14, round(cell_h * 0.12))
-    gap = max(4, round(cell_w * 0.03))
-    sheet = Image.new("RGB", (columns * (cell_w + gap) + gap, rows * (cell_h + band + gap) + gap), SHEET_BACKGROUND)
-    draw = ImageDraw.Draw(sheet)
-    font = _font(max(9, round(band * 0.7)))
-    for index, picture in enumerate(pictures):
-        row, column = divmod(index, columns)
-        x, y = gap + column * (cell_w + gap), gap + row * (cell_h + band + gap)
-        shrunk = picture.convert("RGB")
-        if scale < 1:
-            shrunk = shrunk.resize((max(1, round(picture.width * scale)), max(1, round(picture.height * scale))),
-                                   Image.LANCZOS)
-        sheet.paste(shrunk, (x + (cell_w - shrunk.width) // 2, y + (cell_h - shrunk.height) // 2))
-        caption = f"{index + 1}" + (f"  {captions[index]}" if captions and index < len(captions) else "")
-        draw.text((x, y + cell_h + band // 2), _fit_text(draw, caption, font, cell_w), fill=SHEET_TEXT, font=font,
-                  anchor="lm")
-    return sheet
-
-
-def image_tensor(picture: Image.Image) -> torch.Tensor:
-    """A PIL picture as a ComfyUI IMAGE batch of one, [1, H, W, 3] in 0–1."""
-    return torch.from_numpy(np.asarray(picture.convert("RGB"), dtype=np.float32) / 255.0)[None]
