@@ -7,7 +7,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 CORE = ROOT / "instantcharacter"
 # each part may import itself and the parts listed before it
-LAYERS = ["errors", "cancel", "model", "reference", "files", "run", "testing", "__main__"]
+LAYERS = ["errors", "cancel", "model", "reference", "files", "run", "testing", "cli", "__main__"]
 COMFY = ("comfy", "comfy_api", "comfy_extras", "folder_paths", "nodes", "server", "execution")
 
 
