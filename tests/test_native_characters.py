@@ -1,7 +1,9 @@
 """The characters of the native path without ComfyUI: what a run keeps between model calls, and what one call
 computes (keys and values once per character, rows no character acts on left out)."""
 
+import gc
 import threading
+import weakref
 from pathlib import Path
 
 import pytest
@@ -31,13 +33,22 @@ def test_a_run_keeps_one_sigmas_tokens_and_projects_each_sigma_once(tiny_adapter
 
     entry = AppliedCharacter(tiny_adapter, features, 0.9)
     run = CharacterSet((entry,)).run()
-    projected = []
-    tokens = tiny_adapter.image_proj.tokens
-    monkeypatch.setattr(tiny_adapter.image_proj, "tokens", lambda *a: projected.append(1) or tokens(*a))
+    merged, projected = [], []  # weak references to every tensor the projector made
+    proj = tiny_adapter.image_proj
+    merge, tokens = proj.merge_features, proj.tokens
+
+    def made(kept, tensor):
+        kept.append(weakref.ref(tensor))
+        return tensor
+
+    monkeypatch.setattr(proj, "merge_features", lambda *a: made(merged, merge(*a)))
+    monkeypatch.setattr(proj, "tokens", lambda *a: made(projected, tokens(*a)))
     for sigma in (1.0, 1.0, 0.75, 0.75, 0.5, 0.25):  # cond and uncond called apart at each sigma
         run.tokens.tokens(entry, tiny_adapter, sigma, CPU)
-        assert len(run.tokens.held()) == 2  # the merged features and this sigma's tokens
-    assert len(projected) == 4
+        gc.collect()
+        alive = [sum(ref() is not None for ref in kept) for kept in (merged, projected)]
+        assert alive == [1, 1]  # between calls the run keeps the merged features and this sigma's tokens
+    assert len(merged) == 1 and len(projected) == 4
 
 
 def test_keys_and_values_are_projected_once_per_call_for_every_row(tiny_adapter, features):

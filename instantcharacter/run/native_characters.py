@@ -122,12 +122,6 @@ class TokenCache:
                 slot.tokens, slot.key = tokens, key
             return slot.tokens
 
-    def held(self) -> list[torch.Tensor]:
-        """Every tensor the cache keeps (for tests and memory reports)."""
-        with self._lock:
-            slots = list(self._slots.values())
-        return [t for s in slots for t in (s.merged, s.tokens) if t is not None]
-
 
 class CharacterSet:
     """Every character applied to one MODEL (Apply nodes in a row add up). Never changed once made: a MODEL

@@ -117,10 +117,10 @@ class StyleLoras:
 
         t = self.transformer
         loaded = list(getattr(t, "peft_config", {}))
-        foreign = [name for name in loaded if not name.startswith(ADAPTER_PREFIX)]
-        if foreign:
+        loaded_elsewhere = [name for name in loaded if not name.startswith(ADAPTER_PREFIX)]
+        if loaded_elsewhere:
             raise InputError(f"The FLUX transformer already carries LoRA adapters loaded elsewhere "
-                             f"({', '.join(foreign)}); reload FLUX to use style LoRAs.")
+                             f"({', '.join(loaded_elsewhere)}); reload FLUX to use style LoRAs.")
         if loaded:  # left over from a run that could not clean up
             t.unload_lora()
         self._saved = ([(p, p.requires_grad) for p in t.parameters()],
