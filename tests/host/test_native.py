@@ -94,8 +94,11 @@ def _comfy_call(comfy_flux, x, ctx, pooled, sigma, patched, cond_or_uncond=None,
 
 
 def _diffusers_call(flux, adapter, features, x, ctx, pooled, sigma, scale):
+    """One call of the diffusers transformer (the pipeline path) with the character at ``scale`` in every layer;
+    ``features``: one character's, or a list of (features, weight per generated token) pairs."""
     from instantcharacter.model.adapter import attach
 
+    characters = features if isinstance(features, list) else [(features, None)]
     t = flux.transformer
     b, _, h, w = x.shape
     ids = torch.zeros(h // 2 * w // 2, 3)
@@ -104,7 +107,8 @@ def _diffusers_call(flux, adapter, features, x, ctx, pooled, sigma, scale):
         att.context.image_seq_len = ids.shape[0]
         att.context.layer_scales = dict.fromkeys(range(adapter.num_layers), scale)
         if scale:
-            att.context.characters = ((adapter.image_proj(*features.tensors(), torch.tensor([sigma * 1000.0])), None),)
+            att.context.characters = tuple((adapter.image_proj(*f.tensors(), torch.tensor([sigma * 1000.0])), weight)
+                                           for f, weight in characters)
         out = t(hidden_states=_pack(x), timestep=torch.full([b], sigma), guidance=torch.full([b], 3.5),
                 pooled_projections=pooled, encoder_hidden_states=ctx, txt_ids=torch.zeros(ctx.shape[1], 3),
                 img_ids=ids, return_dict=False)[0]
@@ -398,9 +402,8 @@ def test_regional_characters_act_the_same_on_both_paths(pack, comfy_flux, tiny_f
     Apply entries with masks) and of the pipeline path (the weights Combine Characters gives the Sampler) agree."""
     from PIL import Image
 
-    from instantcharacter.model.adapter import attach
-    from instantcharacter.run.native_characters import AppliedCharacter
     from instantcharacter.reference.character import RegionalCharacter
+    from instantcharacter.run.native_characters import AppliedCharacter
     from instantcharacter.run.regions import character_weights
 
     waving = tiny_encoders.encode([Image.open(ROOT / "assets" / "reference_girl_wave.png")])
@@ -411,19 +414,9 @@ def test_regional_characters_act_the_same_on_both_paths(pack, comfy_flux, tiny_f
                AppliedCharacter(tiny_adapter, waving, 0.45, mask=right)]
     native = _comfy_call(comfy_flux, x, ctx, pooled, sigma, _patches(pack, comfy_flux, entries))
 
-    cast = character_weights((RegionalCharacter(features, left), RegionalCharacter(waving, right, 0.5)), (4, 4))
-    t = tiny_flux.transformer
-    b, _, h, w = x.shape
-    ids = torch.zeros(h // 2 * w // 2, 3)
-    ids[:, 1], ids[:, 2] = torch.arange(h // 2 * w // 2) // (w // 2), torch.arange(h // 2 * w // 2) % (w // 2)
-    with torch.inference_mode(), attach(t, tiny_adapter) as att:
-        att.context.image_seq_len = ids.shape[0]
-        att.context.layer_scales = dict.fromkeys(range(tiny_adapter.num_layers), 0.9)
-        att.context.characters = tuple((tiny_adapter.image_proj(*m.features.tensors(), torch.tensor([sigma * 1000.0])),
-                                        weight) for m, weight in cast)
-        pipeline = _unpack(t(hidden_states=_pack(x), timestep=torch.full([b], sigma), guidance=torch.full([b], 3.5),
-                             pooled_projections=pooled, encoder_hidden_states=ctx, txt_ids=torch.zeros(ctx.shape[1], 3),
-                             img_ids=ids, return_dict=False)[0], h, w)
+    weighted = character_weights((RegionalCharacter(features, left), RegionalCharacter(waving, right, 0.5)), (4, 4))
+    pipeline = _diffusers_call(tiny_flux, tiny_adapter, [(m.features, weight) for m, weight in weighted], x, ctx,
+                               pooled, sigma, 0.9)
     plain = _diffusers_call(tiny_flux, tiny_adapter, features, x, ctx, pooled, sigma, 0.0)
     diff = (native - pipeline).abs().max().item()
     print(f"\nregional characters, native vs pipeline: max diff {diff:.2e} "
