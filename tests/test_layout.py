@@ -1,5 +1,5 @@
-"""The core's structure: its parts import only parts below them, nothing imports in a circle, and only
-nodes/ imports ComfyUI."""
+"""The core's structure: its parts import only parts below them, nothing imports in a circle, only nodes/ imports
+ComfyUI, every module says what it is, and the offload package's rooms stay apart (the planner touches no device)."""
 
 import ast
 from pathlib import Path
@@ -9,6 +9,9 @@ CORE = ROOT / "instantcharacter"
 # each part may import itself and the parts listed before it
 LAYERS = ["errors", "cancel", "model", "reference", "files", "run", "testing", "cli", "__main__"]
 COMFY = ("comfy", "comfy_api", "comfy_extras", "folder_paths", "nodes", "server", "execution")
+OFFLOAD = "instantcharacter.run.offload"
+# the offload package's rooms, each importing only the rooms before it
+OFFLOAD_ROOMS = ["layout", "planner", "host_packs", "streams", "streamer", "placement"]
 
 
 def _module(path: Path) -> str:
@@ -84,3 +87,28 @@ def test_only_nodes_import_comfyui():
     offenders = [f"{_module(p)} imports {name}" for p in list(CORE.rglob("*.py")) + [ROOT / "install.py"]
                  for name in _imports(p) if name.split(".")[0] in COMFY]
     assert not offenders, offenders
+
+
+def test_every_module_opens_with_a_docstring():
+    """Each module of the core and of nodes/ says what its one job is, first thing."""
+    modules = list(CORE.rglob("*.py")) + list((ROOT / "nodes").glob("*.py"))
+    silent = [str(p.relative_to(ROOT)) for p in modules
+              if not ast.get_docstring(ast.parse(p.read_text(encoding="utf-8")))]
+    assert not silent, silent
+
+
+def test_the_offload_rooms_import_only_rooms_before_them_and_the_planner_touches_no_device():
+    """The planner (and the layouts it counts) is pure arithmetic on shapes and dtypes, so it works on ``meta``
+    models; packs, streams, the streamer and the placement build on it, never the other way round."""
+    modules = _core_modules()
+    backwards = []
+    for room in OFFLOAD_ROOMS:
+        for target in modules[f"{OFFLOAD}.{room}"]:
+            other = target.removeprefix(f"{OFFLOAD}.").split(".")[0] if target.startswith(OFFLOAD + ".") else None
+            if other in OFFLOAD_ROOMS and OFFLOAD_ROOMS.index(other) >= OFFLOAD_ROOMS.index(room):
+                backwards.append(f"{room} imports {other}")
+    assert not backwards, backwards
+    for room in ("layout", "planner"):
+        tree = ast.parse((CORE / "run" / "offload" / f"{room}.py").read_text(encoding="utf-8"))
+        devices = [node.lineno for node in ast.walk(tree) if isinstance(node, ast.Attribute) and node.attr == "cuda"]
+        assert not devices, f"{room}.py uses torch.cuda at lines {devices}"
