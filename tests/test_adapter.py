@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from instantcharacter.files.adapter_file import load_adapter, save_adapter
-from instantcharacter.model.adapter import InstantCharacterAdapter, attach
+from instantcharacter.model.adapter import InstantCharacterAdapter
+from instantcharacter.model.processors import attach
 from instantcharacter.errors import AdapterFileError
 from instantcharacter.testing.tiny import write_tiny_adapter
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from instantcharacter.model.adapter import attach
+from instantcharacter.model.processors import attach
 from instantcharacter.errors import InputError
 from instantcharacter.run.latents import flux_schedule
 from instantcharacter.run.tokens import character_tokens
@@ -229,7 +229,7 @@ def test_true_cfg_projects_the_character_keys_and_values_once_per_step(tiny_flux
     """With true CFG and the character on both passes, each step projects each layer's character keys and
     values once (the negative pass reuses them), from one token row whatever the batch, and the latents equal
     those of projecting them in every pass (as before) within float rounding."""
-    from instantcharacter.model.attention import CharacterContext
+    from instantcharacter.model.processors import CharacterContext
 
     kwargs = dict(negative_prompt="blurry", true_cfg=2.0, batch_size=2, steps=2)
     rows = []

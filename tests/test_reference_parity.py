@@ -101,7 +101,7 @@ def test_projector_tokens_match(reference_pipe, subject, tiny_encoders, tiny_ada
 
 
 def test_one_transformer_call_matches(reference_pipe, tiny_flux, tiny_adapter):
-    from instantcharacter.model.adapter import attach
+    from instantcharacter.model.processors import attach
 
     g = torch.Generator().manual_seed(5)
     cfg = tiny_flux.transformer.config

@@ -9,7 +9,7 @@ from PIL import Image
 
 from generation import run as run_generation
 from instantcharacter.errors import InputError
-from instantcharacter.model.adapter import attach
+from instantcharacter.model.processors import attach
 from instantcharacter.run.tokens import character_tokens
 from instantcharacter.reference.character import Characters, RegionalCharacter, characters_in
 from instantcharacter.run.regions import character_weights

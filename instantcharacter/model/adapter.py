@@ -1,13 +1,13 @@
-"""The published adapter as a module (projector + one character-attention layer per FLUX attention layer), and
-attaching it to a diffusers FLUX transformer (reading and writing the checkpoint: :mod:`..files.adapter_file`)."""
+"""The published adapter as a module: the projector and one character-attention layer per FLUX attention layer
+(reading and writing the checkpoint: :mod:`..files.adapter_file`; attaching it to a diffusers transformer:
+:mod:`.processors`)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from ..errors import AdapterFileError
-from .attention import CharacterAttentionLayer, CharacterContext, CharacterFluxAttnProcessor
+from .attention import CharacterAttentionLayer
 from .projector import PUBLISHED_PROJECTOR, CharacterProjector, ProjectorConfig
 
 PUBLISHED_NUM_LAYERS = 19 + 38
@@ -40,44 +40,3 @@ class InstantCharacterAdapter(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.ip_adapter[0].to_k_ip.weight.dtype
-
-
-class CharacterAttachment:
-    """Character attention attached to a diffusers FLUX transformer; ``detach()`` restores it exactly."""
-
-    def __init__(self, transformer, adapter: InstantCharacterAdapter):
-        processors = transformer.attn_processors
-        if len(processors) != adapter.num_layers:
-            raise AdapterFileError(
-                f"The adapter has {adapter.num_layers} character-attention layers but this FLUX transformer has "
-                f"{len(processors)} attention layers: the adapter was made for another model (FLUX.1-dev has 57)."
-            )
-        inner = transformer.config.num_attention_heads * transformer.config.attention_head_dim
-        if inner != adapter.hidden_size:
-            raise AdapterFileError(
-                f"The adapter's layers are {adapter.hidden_size} wide but this FLUX transformer is {inner} wide: "
-                f"the adapter was made for another model."
-            )
-        self.transformer = transformer
-        self.context = CharacterContext()
-        self._previous = dict(processors)
-        transformer.set_attn_processor(
-            {name: CharacterFluxAttnProcessor(layer, i, self.context)
-             for i, (name, layer) in enumerate(zip(processors, adapter.ip_adapter))}
-        )
-
-    def detach(self) -> None:
-        if self._previous is not None:
-            self.transformer.set_attn_processor(self._previous)
-            self._previous = None
-
-    def __enter__(self) -> "CharacterAttachment":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.detach()
-
-
-def attach(transformer, adapter: InstantCharacterAdapter) -> CharacterAttachment:
-    """Install character attention on every attention layer of ``transformer`` (double, then single blocks)."""
-    return CharacterAttachment(transformer, adapter)

@@ -21,7 +21,8 @@ import torch
 
 from ..cancel import cancel_points
 from ..errors import InputError, NonFiniteResultError
-from ..model.adapter import InstantCharacterAdapter, attach
+from ..model.adapter import InstantCharacterAdapter
+from ..model.processors import attach
 from ..reference.character import FEATURE_LIMIT, characters_in
 from .decoding import decode
 from .latents import PreparedLatents, prepare_latents, raw_latents

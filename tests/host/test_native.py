@@ -96,7 +96,7 @@ def _comfy_call(comfy_flux, x, ctx, pooled, sigma, patched, cond_or_uncond=None,
 def _diffusers_call(flux, adapter, features, x, ctx, pooled, sigma, scale):
     """One call of the diffusers transformer (the pipeline path) with the character at ``scale`` in every layer;
     ``features``: one character's, or a list of (features, weight per generated token) pairs."""
-    from instantcharacter.model.adapter import attach
+    from instantcharacter.model.processors import attach
 
     characters = features if isinstance(features, list) else [(features, None)]
     t = flux.transformer
