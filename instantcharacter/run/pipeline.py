@@ -36,6 +36,8 @@ from .tokens import character_tokens
 
 @dataclass
 class GenerationResult:
+    """What a run gives: the pictures, their latents, and how the models were placed and decoded."""
+
     images: torch.Tensor  # [B, H, W, 3] float 0–1 on the CPU (ComfyUI IMAGE)
     latents: torch.Tensor  # [B, 16, H/8, W/8] float32 raw VAE space on the CPU (ComfyUI LATENT "samples")
     offload: str = ""  # the placement used, and why when ``auto`` chose it

@@ -77,7 +77,7 @@ class GenerationSettings:
 
 @dataclass(frozen=True)
 class MemorySettings:
-    """Where the models live during a run (see :mod:`.memory`): ``offload`` one of ``auto``, ``off``,
+    """Where the models live during a run (see :mod:`.offload`): ``offload`` one of ``auto``, ``off``,
     ``budget``, ``sequential``; ``vram_budget_gb`` for ``budget``; ``fp8_storage`` keeps the transformer and
     character-attention weights in fp8; ``device`` None picks CUDA when there is one."""
 

@@ -228,7 +228,7 @@ class BlockStreamer:
 
     def _queue_part(self, part: _Part, queue, on: str) -> None:
         """One part's copy (when it streams) and cast (when it is fp8), on stream ``on``, into buffers from ``queue``
-        (in :func:`buffer_keys` order); then its parameters view them."""
+        (in :func:`~.planner.buffer_keys` order); then its parameters view them."""
         layout = part.pack.layout
         source, staging, computed = part.resident, None, None
         with torch.inference_mode(part.pack.inference):  # buffers and views of the parameters' kind
