@@ -44,16 +44,13 @@ class _Pools:
         self.device, self.streams, self.limits = device, streams, limits
         self.free: dict[tuple, list[_Buffer]] = {}
         self.made: dict[tuple, int] = {}
-        self.overflow = 0  # buffers made beyond the limit (only an unexpected block order does that)
 
     def take(self, key: tuple, must: bool) -> _Buffer | None:
         free = self.free.setdefault(key, [])
         if free:
             return free.pop(0)
-        if self.made.get(key, 0) >= self.limits.get(key, 1):
-            if not must:
-                return None
-            self.overflow += 1
+        if self.made.get(key, 0) >= self.limits.get(key, 1) and not must:
+            return None  # (with ``must`` one more is made: only an unexpected block order needs that)
         self.made[key] = self.made.get(key, 0) + 1
         with torch.inference_mode(key[2]):  # of the kind of the parameters that will view it
             buf = _Buffer(torch.empty(key[1], dtype=torch.uint8, device=self.device))
