@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..errors import InputError, InstantCharacterError
 from ..files import hub
-from ..files.locations import default_models_dir, locate_all
+from ..files.locations import CHARACTERS_SUBDIR, default_models_dir, locate_all
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 BUNDLED_REFERENCE = ASSETS / "reference_girl.png"
@@ -28,6 +28,16 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         if "%(default)" in text or "default" in text or action.default in (None, False, argparse.SUPPRESS):
             return text
         return f"{text} (default: %(default)s)"
+
+
+def add_character_args(p: argparse.ArgumentParser, character_note: str = "") -> None:
+    """--reference (pictures of the character) and --character (a saved one), as generate and storyboard take them."""
+    p.add_argument("--reference", type=Path, action="append",
+                   help=f"reference picture of the character (repeat for several views); default: the bundled "
+                        f"assets/{BUNDLED_REFERENCE.name}")
+    p.add_argument("--character", type=Path, default=None,
+                   help=f"a saved character file instead of --reference (a path, or a name in the models folder's "
+                        f"{CHARACTERS_SUBDIR.as_posix()}){character_note}")
 
 
 def model_paths(args, needed: tuple[str, ...]) -> dict[str, Path]:

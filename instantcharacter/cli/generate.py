@@ -9,17 +9,12 @@ import time
 from pathlib import Path
 
 from ..errors import InputError
-from ..files.locations import CHARACTERS_SUBDIR, character_file, default_models_dir
-from .common import BUNDLED_REFERENCE, dtype_of, model_paths, open_reference
+from ..files.locations import character_file, default_models_dir
+from .common import BUNDLED_REFERENCE, add_character_args, dtype_of, model_paths, open_reference
 
 
 def add_generation_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--reference", type=Path, action="append",
-                   help=f"reference picture of the character (repeat for several views); default: the bundled "
-                        f"assets/{BUNDLED_REFERENCE.name}")
-    p.add_argument("--character", type=Path, default=None,
-                   help=f"a saved character file instead of --reference (a path, or a name in the models folder's "
-                        f"{CHARACTERS_SUBDIR.as_posix()}); the image encoders are then not needed")
+    add_character_args(p, "; the image encoders are then not needed")
     p.add_argument("--save-character", type=Path, default=None,
                    help="also save the character as this .safetensors file (for --character or Load Character)")
     p.add_argument("--overwrite", action="store_true",

@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 from ..errors import InputError
-from ..files.locations import CHARACTERS_SUBDIR, character_file, default_models_dir
-from .common import BUNDLED_REFERENCE, dtype_of, model_paths, open_reference
+from ..files.locations import character_file, default_models_dir
+from .common import BUNDLED_REFERENCE, add_character_args, dtype_of, model_paths, open_reference
 
 
 def add_storyboard_args(p: argparse.ArgumentParser) -> None:
@@ -22,12 +22,7 @@ def add_storyboard_args(p: argparse.ArgumentParser) -> None:
                                               "TEXT' with the line in place of {panel}; default: none")
     p.add_argument("--candidates", type=int, default=4,
                    help="pictures drawn per panel; the one most like the character is kept")
-    p.add_argument("--reference", type=Path, action="append",
-                   help=f"reference picture of the character (repeat for several views); default: the bundled "
-                        f"assets/{BUNDLED_REFERENCE.name}")
-    p.add_argument("--character", type=Path, default=None,
-                   help=f"a saved character file instead of --reference (a path, or a name in the models folder's "
-                        f"{CHARACTERS_SUBDIR.as_posix()})")
+    add_character_args(p)
     p.add_argument("--seed", type=int, default=123456,
                    help="the board's seed: every candidate's seed derives from it and the panel and candidate numbers")
     p.add_argument("--output-dir", type=Path, default=None,
