@@ -1,11 +1,13 @@
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
-# One torch thread per test process unless OMP_NUM_THREADS says otherwise (and, through the environment, per process a test starts). The tiny models
-# gain nothing from a second thread, and when every core is busy torch's threads wait for each other at every op:
-# a 3-step tiny generation took 0.75 s with one thread and 10-13 s with two on a loaded 2-core machine.
+# One torch thread per test process unless OMP_NUM_THREADS says otherwise (and, through the environment, per
+# process a test starts). The tiny models gain nothing from a second thread, and when every core is busy torch's
+# threads wait for each other at every op: a 3-step tiny generation took 0.75 s with one thread and 10-13 s with
+# two on a loaded 2-core machine.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
@@ -54,3 +56,21 @@ def pack_builds(monkeypatch):
 
     monkeypatch.setattr(HostPack, "__init__", counting)
     return counts
+
+
+@pytest.fixture(scope="session")
+def girl(tiny_encoders):
+    """The bundled reference picture encoded by the tiny encoders: the character most tests draw. Tests never change
+    it in place (they build new features from it)."""
+    from PIL import Image
+
+    return tiny_encoders.encode([Image.open(Path(__file__).resolve().parents[1] / "assets" / "reference_girl.png")])
+
+
+@pytest.fixture(scope="session")
+def girl_latents(tiny_flux, tiny_adapter, girl):
+    """The latents of :data:`generation.SMALL_RUN` with ``girl``: what a run that refused bad input and changed
+    nothing must still give."""
+    from generation import SMALL_RUN, run
+
+    return run(tiny_flux, tiny_adapter, girl, "a girl", **SMALL_RUN).latents

@@ -7,6 +7,8 @@ from instantcharacter.run.pipeline import generate
 from instantcharacter.run.settings import GenerationSettings, MemorySettings, RunHooks
 from instantcharacter.run.style_loras import LoraSpec, StyledFlux
 
+# The smallest run that still shows a character's effect
+SMALL_RUN = dict(width=64, height=64, steps=2, seed=3, max_sequence_length=32, decode=False)
 _MEMORY = {f.name for f in fields(MemorySettings)}
 _HOOKS = {f.name for f in fields(RunHooks)}
 

@@ -4,30 +4,17 @@ before any model moves, and the next normal run gives the same result as before.
 
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from generation import run as run_generation
+from generation import SMALL_RUN as RUN, run as run_generation
 from instantcharacter.errors import AdapterFileError, InputError, LoraFileError
 from instantcharacter.reference.character import ReferenceFeatures, parse_weights
 from instantcharacter.reference.images import MAX_SIDE, fit_square, prepare_reference, tensor_to_pil, to_rgb
 
-ROOT = Path(__file__).resolve().parents[1]
-RUN = dict(width=64, height=64, steps=2, seed=3, max_sequence_length=32, decode=False)
-
-
-@pytest.fixture(scope="module")
-def features(tiny_encoders):
-    return tiny_encoders.encode([Image.open(ROOT / "assets" / "reference_girl.png")])
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_flux, tiny_adapter, features):
-    return run_generation(tiny_flux, tiny_adapter, features, "a girl", **RUN).latents
 
 
 @pytest.mark.parametrize("text", ["1, nan", "inf, 1", "1e999, 1", "-1, 2"])
@@ -36,9 +23,9 @@ def test_weights_text_must_be_finite_and_not_negative(text):
         parse_weights(text, 2)
 
 
-def test_blend_refuses_non_finite_weights(features):
+def test_blend_refuses_non_finite_weights(girl):
     with pytest.raises(InputError, match="non-negative weight"):
-        ReferenceFeatures.blend([features, features], [1.0, float("nan")])
+        ReferenceFeatures.blend([girl, girl], [1.0, float("nan")])
 
 
 @pytest.mark.parametrize("setting", [dict(guidance=float("nan")), dict(subject_scale=float("inf")),
@@ -47,30 +34,30 @@ def test_blend_refuses_non_finite_weights(features):
                                      dict(seed=-1), dict(vram_budget_gb=-4.0, offload="budget"),
                                      dict(vram_budget_gb=float("nan"), offload="budget")],
                          ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()))
-def test_bad_settings_are_refused_before_anything_runs_and_change_nothing(tiny_flux, tiny_adapter, features, reference,
+def test_bad_settings_are_refused_before_anything_runs_and_change_nothing(tiny_flux, tiny_adapter, girl, girl_latents,
                                                                           setting):
     calls = []
     started = time.perf_counter()
     with pytest.raises(InputError) as info:
-        run_generation(tiny_flux, tiny_adapter, features, "a girl", **{**RUN, **setting},
+        run_generation(tiny_flux, tiny_adapter, girl, "a girl", **{**RUN, **setting},
                        on_step=lambda *a: calls.append(a))
     refused_in = time.perf_counter() - started
     assert not calls and refused_in < 1.0, refused_in  # refused up front, not after a 16384² step
     name = next(iter(setting))
     assert name.split("_")[0] in str(info.value)
-    assert torch.equal(run_generation(tiny_flux, tiny_adapter, features, "a girl", **RUN).latents, reference)
+    assert torch.equal(run_generation(tiny_flux, tiny_adapter, girl, "a girl", **RUN).latents, girl_latents)
 
 
-def test_non_finite_latent_and_features_are_refused(tiny_flux, tiny_adapter, features, reference):
+def test_non_finite_latent_and_features_are_refused(tiny_flux, tiny_adapter, girl, girl_latents):
     latent = torch.zeros(1, 16, 8, 8)
     latent[0, 0, 0, 0] = float("nan")
     with pytest.raises(InputError, match="LATENT holds NaN"):
-        run_generation(tiny_flux, tiny_adapter, features, "a girl", **RUN, init_latents=latent, denoise=0.5)
-    broken = ReferenceFeatures(*(t.clone() for t in features.tensors()))
+        run_generation(tiny_flux, tiny_adapter, girl, "a girl", **RUN, init_latents=latent, denoise=0.5)
+    broken = ReferenceFeatures(*(t.clone() for t in girl.tensors()))
     broken.low_res_deep[0, 0, 0] = float("inf")
     with pytest.raises(InputError, match="features hold NaN"):
         run_generation(tiny_flux, tiny_adapter, broken, "a girl", **RUN)
-    assert torch.equal(run_generation(tiny_flux, tiny_adapter, features, "a girl", **RUN).latents, reference)
+    assert torch.equal(run_generation(tiny_flux, tiny_adapter, girl, "a girl", **RUN).latents, girl_latents)
 
 
 def test_a_nan_image_is_refused():
@@ -115,14 +102,14 @@ def test_extreme_aspect_ratio_builds_no_giant_canvas():
     assert fit_square(image, "pad").getpixel((0, 0)) == (255, 255, 255)  # padded with white, not black
 
 
-def test_two_runs_at_once_on_one_pipeline_are_serialised(tiny_flux, tiny_adapter, features, reference):
+def test_two_runs_at_once_on_one_pipeline_are_serialised(tiny_flux, tiny_adapter, girl, girl_latents):
     plain = run_generation(tiny_flux, None, None, "a girl", **RUN).latents
     results, errors = {}, []
 
     def worker(name, with_character):
         try:
             out = run_generation(tiny_flux, tiny_adapter if with_character else None,
-                                 features if with_character else None, "a girl", **RUN)
+                                 girl if with_character else None, "a girl", **RUN)
             results[name] = out.latents
         except Exception as err:  # noqa: BLE001 - reported below
             errors.append(err)
@@ -133,7 +120,7 @@ def test_two_runs_at_once_on_one_pipeline_are_serialised(tiny_flux, tiny_adapter
     for thread in threads:
         thread.join()
     assert not errors, errors
-    assert all(torch.equal(results[f"t{i}"], reference if i % 2 == 0 else plain) for i in range(4))
+    assert all(torch.equal(results[f"t{i}"], girl_latents if i % 2 == 0 else plain) for i in range(4))
     assert torch.equal(run_generation(tiny_flux, None, None, "a girl", **RUN).latents, plain)
 
 
@@ -266,12 +253,12 @@ class _Cancelled(Exception):
     pass
 
 
-def test_cancel_is_checked_between_every_phase(tiny_flux, tiny_adapter, features, reference):
+def test_cancel_is_checked_between_every_phase(tiny_flux, tiny_adapter, girl, girl_latents):
     """Cancel pressed while the prompts are encoded, the character tokens made or the pictures decoded stops
     the run there, not after the first step; the models are left as they were."""
     kwargs = {**RUN, "decode": True, "batch_size": 2}
     record, steps = [], []
-    run_generation(tiny_flux, tiny_adapter, features, "a girl", **kwargs, offload="sequential",
+    run_generation(tiny_flux, tiny_adapter, girl, "a girl", **kwargs, offload="sequential",
                    on_step=lambda *a: steps.append(a), cancel_check=lambda: record.append(len(steps)))
     assert record[0] == 0 and record.count(0) >= 4  # before, inside and after the prompts, after the tokens
     assert record.count(RUN["steps"]) >= 4  # each of the 2 pictures, before its VAE decoder
@@ -284,14 +271,14 @@ def test_cancel_is_checked_between_every_phase(tiny_flux, tiny_adapter, features
                 raise _Cancelled
 
         with pytest.raises(_Cancelled):
-            run_generation(tiny_flux, tiny_adapter, features, "a girl", **kwargs, offload="sequential",
+            run_generation(tiny_flux, tiny_adapter, girl, "a girl", **kwargs, offload="sequential",
                            on_step=lambda *a: steps.append(a), cancel_check=cancel)
         assert len(steps) == record[at]
-    assert torch.equal(run_generation(tiny_flux, tiny_adapter, features, "a girl", **RUN).latents, reference)
+    assert torch.equal(run_generation(tiny_flux, tiny_adapter, girl, "a girl", **RUN).latents, girl_latents)
 
 
-def test_cancel_reaches_inside_t5_the_vae_decode_and_the_encoders(tiny_flux, tiny_adapter, tiny_encoders, features,
-                                                                  reference):
+def test_cancel_reaches_inside_t5_the_vae_decode_and_the_encoders(tiny_flux, tiny_adapter, tiny_encoders, girl,
+                                                                  girl_latents):
     t5_blocks = len(tiny_flux.text_encoder_2.encoder.block)
     calls = []
 
@@ -305,7 +292,7 @@ def test_cancel_reaches_inside_t5_the_vae_decode_and_the_encoders(tiny_flux, tin
     # 1 check before the prompts, then one per T5 block: cancelled inside the encoding, before any step
     steps = []
     with pytest.raises(_Cancelled):
-        run_generation(tiny_flux, tiny_adapter, features, "a girl", **RUN, on_step=lambda *a: steps.append(a),
+        run_generation(tiny_flux, tiny_adapter, girl, "a girl", **RUN, on_step=lambda *a: steps.append(a),
                        cancel_check=cancel_at(1 + t5_blocks))
     assert not steps
     # the decode: after the last step, the check before the image and then the one before the VAE decoder
@@ -318,7 +305,7 @@ def test_cancel_reaches_inside_t5_the_vae_decode_and_the_encoders(tiny_flux, tin
                 raise _Cancelled
 
     with pytest.raises(_Cancelled):
-        run_generation(tiny_flux, tiny_adapter, features, "a girl", **{**RUN, "decode": True}, offload="sequential",
+        run_generation(tiny_flux, tiny_adapter, girl, "a girl", **{**RUN, "decode": True}, offload="sequential",
                        on_step=lambda *a: seen.append(a), cancel_check=in_decode)
     assert len(seen) == RUN["steps"] and len(after) == 2
     calls.clear()
@@ -326,7 +313,7 @@ def test_cancel_reaches_inside_t5_the_vae_decode_and_the_encoders(tiny_flux, tin
         tiny_encoders.encode_squares([Image.new("RGB", (384, 384), (90, 20, 20))], cancel_check=cancel_at(3))
     assert not any(m._forward_pre_hooks for m in tiny_encoders.siglip.modules())
     assert not any(m._forward_pre_hooks for m in tiny_flux.vae.modules())
-    assert torch.equal(run_generation(tiny_flux, tiny_adapter, features, "a girl", **RUN).latents, reference)
+    assert torch.equal(run_generation(tiny_flux, tiny_adapter, girl, "a girl", **RUN).latents, girl_latents)
 
 
 def test_a_malicious_pickle_in_an_encoder_folder_is_refused_without_library_advice(tmp_path):

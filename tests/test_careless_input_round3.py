@@ -9,17 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from generation import run as run_generation
+from generation import SMALL_RUN as RUN, run as run_generation
 from instantcharacter.errors import CharacterFileError, DownloadError, InputError, ModelFolderError
 from instantcharacter.files.character_file import load_character, save_character
 
-ROOT = Path(__file__).resolve().parents[1]
-RUN = dict(width=64, height=64, steps=2, seed=3, max_sequence_length=32, decode=False)
-
-
-@pytest.fixture(scope="module")
-def girl(tiny_encoders):
-    return tiny_encoders.encode([Image.open(ROOT / "assets" / "reference_girl.png")])
 
 
 @pytest.fixture(scope="module")

@@ -7,28 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
-from generation import run as run_generation
+from generation import SMALL_RUN as RUN, run as run_generation
 from instantcharacter.__main__ import main
 from instantcharacter.errors import CharacterFileError, InputError, NonFiniteResultError
 from instantcharacter.files.character_file import load_character, save_character
-from instantcharacter.reference.character import FEATURE_LIMIT, ReferenceFeatures
+from instantcharacter.reference.character import FEATURE_LIMIT, ReferenceFeatures, RegionalCharacter
 from instantcharacter.run.decoding import decode_latents
-from instantcharacter.reference.character import RegionalCharacter
 
-ROOT = Path(__file__).resolve().parents[1]
-RUN = dict(width=64, height=64, steps=2, seed=3, max_sequence_length=32, decode=False)
-
-
-@pytest.fixture(scope="module")
-def girl(tiny_encoders):
-    return tiny_encoders.encode([Image.open(ROOT / "assets" / "reference_girl.png")])
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_flux, tiny_adapter, girl):
-    return run_generation(tiny_flux, tiny_adapter, girl, "a girl", **RUN).latents
 
 
 def _scaled(features: ReferenceFeatures, factor: float) -> ReferenceFeatures:
@@ -67,7 +53,7 @@ def test_a_character_file_with_implausible_features_is_refused_when_it_loads(gir
     ("subject_scale", r"NaN or infinite at step 1 of 2.*Implausible input: subject_scale \(1e\+30\)"),
     ("region strength", r"NaN or infinite at step 1 of 2.*Implausible input: a character region's strength"),
 ])
-def test_a_run_that_turns_nan_stops_and_names_the_implausible_input(tiny_flux, tiny_adapter, girl, reference, case,
+def test_a_run_that_turns_nan_stops_and_names_the_implausible_input(tiny_flux, tiny_adapter, girl, girl_latents, case,
                                                                     says):
     """Before: these runs returned NaN latents (black pictures) without an error."""
     character, settings = {
@@ -80,7 +66,7 @@ def test_a_run_that_turns_nan_stops_and_names_the_implausible_input(tiny_flux, t
         run_generation(tiny_flux, tiny_adapter, character, "a girl", **{**RUN, **settings},
                        on_step=lambda *a: steps.append(a))
     assert "nothing was written" in str(info.value) and not steps  # stopped at the first NaN, no preview of it
-    assert torch.equal(run_generation(tiny_flux, tiny_adapter, girl, "a girl", **RUN).latents, reference)
+    assert torch.equal(run_generation(tiny_flux, tiny_adapter, girl, "a girl", **RUN).latents, girl_latents)
 
 
 @pytest.mark.parametrize("strength", [float("nan"), float("inf"), float("-inf")])

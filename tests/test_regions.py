@@ -29,11 +29,6 @@ def _halves():
 
 
 @pytest.fixture(scope="module")
-def girl(tiny_encoders):
-    return tiny_encoders.encode([Image.open(ASSETS / "reference_girl.png")])
-
-
-@pytest.fixture(scope="module")
 def waving(tiny_encoders):
     return tiny_encoders.encode([Image.open(ASSETS / "reference_girl_wave.png")])
 
