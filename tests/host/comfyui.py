@@ -142,6 +142,22 @@ class ComfyServer:
             time.sleep(0.5)
         raise AssertionError(f"prompt {prompt_id} did not finish in {timeout} s:\n{self.log_tail()}")
 
+    def cancel_while_running(self, prompt: dict, timeout: float, settle: float = 3.0) -> tuple[dict, float]:
+        """Post a prompt, press Cancel (``/interrupt``) ``settle`` seconds after it starts running, and return its
+        history entry once it has finished and the seconds from the press to then."""
+        prompt_id = self.post_prompt(prompt)
+        deadline = time.time() + timeout
+        while time.time() < deadline and not any(item[1] == prompt_id for item in self.get("/queue")["queue_running"]):
+            time.sleep(0.2)
+        time.sleep(settle)
+        pressed = time.time()
+        self.post("/interrupt", {})
+        while time.time() < deadline:
+            entry = self.get(f"/history/{prompt_id}").get(prompt_id)
+            if entry and entry.get("status", {}).get("completed") is not None:
+                return entry, time.time() - pressed
+            time.sleep(0.2)
+        raise AssertionError(f"the cancelled prompt {prompt_id} never finished:\n{self.log_tail()}")
 
     def run_watched(self, prompt: dict, timeout: float = 600, extra_data: dict | None = None) -> tuple[dict, list]:
         """Run a prompt as a browser tab would, connected to the websocket under the client id the prompt is posted

@@ -94,22 +94,10 @@ def test_the_progress_bar_and_live_previews_count_panels_candidates_and_steps(bo
 def test_cancel_stops_the_board_and_the_server_draws_the_next_one(board_run, previewing_server, object_info):
     whole_board = board_run[3]  # the yardstick, measured in this run: 3 panels × 2 candidates × 2 steps
     server = previewing_server
-    prompt_id = server.post_prompt(_board(object_info, panels="\n".join(f"scene {n}" for n in range(100)),
-                                          candidates=16, steps=200, seed=99))  # hours if nothing stopped it
-    deadline = time.time() + 300
-    while time.time() < deadline and not any(item[1] == prompt_id for item in server.get("/queue")["queue_running"]):
-        time.sleep(0.2)
-    time.sleep(3)  # inside the first panel's steps by now
-    pressed = time.time()
-    server.post("/interrupt", {})
-    while time.time() < deadline:
-        entry = server.get(f"/history/{prompt_id}").get(prompt_id)
-        if entry and entry.get("status", {}).get("completed") is not None:
-            break
-        time.sleep(0.2)
-    else:
-        raise AssertionError("the interrupted board never finished:\n" + server.log_tail())
-    stopped_after = time.time() - pressed
+    # hours if nothing stopped it; pressed 3 s after it starts: inside the first panel's steps by now
+    entry, stopped_after = server.cancel_while_running(
+        _board(object_info, panels="\n".join(f"scene {n}" for n in range(100)), candidates=16, steps=200, seed=99),
+        timeout=300)
     print(f"\n[storyboard] Cancel: stopped {stopped_after:.1f} s after the press; the whole 12-step board took "
           f"{whole_board:.1f} s")
     kinds = [kind for kind, _ in entry["status"]["messages"]]
