@@ -21,7 +21,7 @@ from .errors import InstantCharacterError
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m instantcharacter", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m instantcharacter", description=__doc__.replace("``", ""),
                                      formatter_class=HelpFormatter)
     models_help = "ComfyUI models folder (default: COMFYUI_MODELS_DIR, the ComfyUI this pack is in, or ./models)"
     parser.add_argument("--models-dir", type=Path, default=None, help=models_help)

@@ -78,6 +78,7 @@ def test_every_option_has_help_and_shows_its_default(monkeypatch, capsys):
     assert {"generate", "doctor"} <= set(commands)
     for name, parser in [("", top), *commands.items()]:
         text = " ".join(parser.format_help().split())
+        assert "``" not in text, f"{name or 'the top'} --help shows the docstring's markup"
         for action in parser._actions:
             if not action.option_strings or isinstance(action, argparse._HelpAction):
                 continue
